@@ -1,0 +1,10 @@
+//! ONNX Runtime: the library and environment, the model repository, sessions and batch runs.
+
+pub mod model;
+pub mod outputs;
+pub mod repository;
+pub mod runtime;
+
+pub use model::{InferenceError, ModelVersion, PooledSession};
+pub use outputs::Column;
+pub use repository::{LookupError, Repository};

@@ -1,0 +1,309 @@
+//! One model version: its signature read from the ONNX file, its per-model config, and the pool
+//! of ONNX Runtime sessions that run its batches.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use deadpool::unmanaged::{Object, Pool};
+use ort::session::Session;
+use ort::value::{DynMapValueType, DynValue, TensorElementType, TensorRef, ValueType};
+use serde::Deserialize;
+
+use super::outputs::{Column, ColumnData, Element, MapKeyType, MapRow, OutputKind};
+use crate::settings::{BatchingSettings, InferenceSettings};
+
+/// `<model>/config.yaml`: everything optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub description: Option<String>,
+    /// Feature names in input order; needed for jobs that send `records`.
+    pub features: Option<Vec<String>>,
+    /// Outputs published in results (default: all).
+    pub outputs: Option<Vec<String>>,
+    #[serde(default)]
+    pub batching: BatchingOverride,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingOverride {
+    pub max_batch_rows: Option<usize>,
+    pub max_delay_ms: Option<u64>,
+}
+
+impl BatchingOverride {
+    pub fn apply(&self, defaults: BatchingSettings) -> BatchingSettings {
+        BatchingSettings {
+            max_batch_rows: self.max_batch_rows.unwrap_or(defaults.max_batch_rows).max(1),
+            max_delay_ms: self.max_delay_ms.unwrap_or(defaults.max_delay_ms),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model {model} version {version} ({path}): {problem}")]
+    Invalid { model: String, version: u64, path: PathBuf, problem: String },
+}
+
+/// Why a batch produced no scores; the rows' jobs are answered with `internal`.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("ONNX Runtime failed: {0}")]
+    Runtime(#[from] ort::Error),
+    #[error("output {output} has {got} rows for a batch of {expected}")]
+    RowMismatch { output: String, got: usize, expected: usize },
+    #[error("session pool closed")]
+    PoolClosed,
+    #[error("ONNX Runtime run panicked")]
+    Panicked,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub name: String,
+    pub kind: OutputKind,
+}
+
+/// What the worker needs to know to feed and read a model.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    pub input_name: String,
+    pub n_features: usize,
+    /// Every output of the model, in model order.
+    pub outputs: Vec<OutputSpec>,
+}
+
+pub struct ModelVersion {
+    pub name: String,
+    pub version: u64,
+    pub path: PathBuf,
+    pub description: Option<String>,
+    pub signature: Signature,
+    /// Outputs published in results, in model order.
+    pub published: Vec<OutputSpec>,
+    pub feature_names: Option<Vec<String>>,
+    pub feature_index: HashMap<String, usize>,
+    pub batching: BatchingSettings,
+    sessions: Pool<Session>,
+}
+
+impl std::fmt::Debug for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelVersion({} v{})", self.name, self.version)
+    }
+}
+
+pub type PooledSession = Object<Session>;
+
+impl ModelVersion {
+    /// Builds `inference.sessions` sessions for `path` and checks the signature against `config`.
+    pub fn load(
+        env: &ort::environment::Environment,
+        name: &str,
+        version: u64,
+        path: &Path,
+        config: &ModelConfig,
+        inference: InferenceSettings,
+        batching: BatchingSettings,
+    ) -> Result<Self, ModelError> {
+        let invalid = |problem: String| ModelError::Invalid {
+            model: name.to_string(),
+            version,
+            path: path.to_path_buf(),
+            problem,
+        };
+        let mut sessions = Vec::with_capacity(inference.sessions);
+        for _ in 0..inference.sessions {
+            sessions.push(open_session(env, path, inference).map_err(|e| invalid(e.to_string()))?);
+        }
+        let signature = read_signature(&sessions[0], config.features.as_ref().map(Vec::len)).map_err(invalid)?;
+        if let Some(features) = &config.features {
+            if features.len() != signature.n_features {
+                return Err(invalid(format!(
+                    "config.yaml lists {} features but the model input has {}",
+                    features.len(),
+                    signature.n_features
+                )));
+            }
+        }
+        let published = match &config.outputs {
+            None => signature.outputs.clone(),
+            Some(wanted) => {
+                for name in wanted {
+                    if !signature.outputs.iter().any(|o| &o.name == name) {
+                        let available: Vec<_> = signature.outputs.iter().map(|o| o.name.as_str()).collect();
+                        return Err(invalid(format!(
+                            "config.yaml publishes output {name:?}, which the model does not have (outputs: {})",
+                            available.join(", ")
+                        )));
+                    }
+                }
+                signature.outputs.iter().filter(|o| wanted.contains(&o.name)).cloned().collect()
+            }
+        };
+        let feature_index = config.features.iter().flatten().enumerate().map(|(i, f)| (f.clone(), i)).collect();
+        Ok(Self {
+            name: name.to_string(),
+            version,
+            path: path.to_path_buf(),
+            description: config.description.clone(),
+            signature,
+            published,
+            feature_names: config.features.clone(),
+            feature_index,
+            batching: config.batching.apply(batching),
+            sessions: Pool::from(sessions),
+        })
+    }
+
+    /// Waits for a free session; completes at once when the engine for this model is idle.
+    pub async fn session(&self) -> Result<PooledSession, InferenceError> {
+        self.sessions.get().await.map_err(|_| InferenceError::PoolClosed)
+    }
+
+    /// Runs one batch (`rows × n_features`, row-major) and returns the published outputs.
+    pub fn run(&self, session: &mut Session, inputs: &[f32], rows: usize) -> Result<Vec<Column>, InferenceError> {
+        let tensor = TensorRef::from_array_view(([rows, self.signature.n_features], inputs))?;
+        let mut outputs = session.run(ort::inputs![self.signature.input_name.as_str() => tensor])?;
+        let mut columns = Vec::with_capacity(self.published.len());
+        for spec in &self.published {
+            let value = outputs
+                .remove(&spec.name)
+                .ok_or_else(|| ort::Error::new(format!("output {} missing from the run", spec.name)))?;
+            let column = read_column(spec, &value)?;
+            if column.rows() != rows {
+                return Err(InferenceError::RowMismatch {
+                    output: spec.name.clone(),
+                    got: column.rows(),
+                    expected: rows,
+                });
+            }
+            columns.push(column);
+        }
+        Ok(columns)
+    }
+}
+
+pub fn open_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    inference: InferenceSettings,
+) -> Result<Session, ort::Error> {
+    let mut builder = Session::builder(env)?.with_inter_threads(1).map_err(ort::Error::<()>::from)?;
+    if inference.intra_threads > 0 {
+        builder = builder.with_intra_threads(inference.intra_threads).map_err(ort::Error::<()>::from)?;
+    }
+    builder.commit_from_file(path)
+}
+
+/// Accepts exactly one float input `[batch, features]`; the feature count comes from the model,
+/// or from config.yaml when the model leaves that dimension open.
+pub fn read_signature(session: &Session, configured_features: Option<usize>) -> Result<Signature, String> {
+    let [input] = session.inputs() else {
+        return Err(format!(
+            "the model has {} inputs; batchscore serves models with one float input [batch, features]",
+            session.inputs().len()
+        ));
+    };
+    let n_features = match input.dtype() {
+        ValueType::Tensor { ty: TensorElementType::Float32, shape, .. } if shape.len() == 2 => match shape[1] {
+            n if n > 0 => n as usize,
+            _ => configured_features.ok_or_else(|| {
+                format!("input {} has an open feature dimension; list the features in config.yaml", input.name())
+            })?,
+        },
+        other => {
+            return Err(format!(
+                "input {} is {other}; batchscore serves models with one float input [batch, features]",
+                input.name()
+            ))
+        }
+    };
+    let outputs = session
+        .outputs()
+        .iter()
+        .map(|o| Ok(OutputSpec { name: o.name().to_string(), kind: output_kind(o.name(), o.dtype())? }))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Signature { input_name: input.name().to_string(), n_features, outputs })
+}
+
+fn output_kind(name: &str, dtype: &ValueType) -> Result<OutputKind, String> {
+    let unsupported = || format!("output {name} has unsupported type {dtype}");
+    match dtype {
+        ValueType::Tensor { ty, shape, .. } => {
+            let element = match ty {
+                TensorElementType::Float32 => Element::F32,
+                TensorElementType::Float64 => Element::F64,
+                TensorElementType::Int64 => Element::I64,
+                TensorElementType::Int32 => Element::I32,
+                TensorElementType::Bool => Element::Bool,
+                TensorElementType::String => Element::Str,
+                _ => return Err(unsupported()),
+            };
+            let row_shape = shape.iter().skip(1).map(|&d| d.max(0) as usize).collect();
+            Ok(OutputKind::Tensor { element, row_shape })
+        }
+        ValueType::Sequence(inner) => match inner.as_ref() {
+            ValueType::Map { key: TensorElementType::Int64, value: TensorElementType::Float32 } => {
+                Ok(OutputKind::MapSequence { key: MapKeyType::I64 })
+            }
+            ValueType::Map { key: TensorElementType::String, value: TensorElementType::Float32 } => {
+                Ok(OutputKind::MapSequence { key: MapKeyType::Str })
+            }
+            _ => Err(unsupported()),
+        },
+        _ => Err(unsupported()),
+    }
+}
+
+fn read_column(spec: &OutputSpec, value: &DynValue) -> Result<Column, ort::Error> {
+    let column = |row_shape: Vec<usize>, data| Column {
+        name: spec.name.clone(),
+        row_len: row_shape.iter().product::<usize>().max(1),
+        row_shape,
+        data,
+    };
+    // Row shapes come from the run, not the signature: dynamic dimensions are known only now.
+    let row_shape = |shape: &[i64]| shape.iter().skip(1).map(|&d| d as usize).collect::<Vec<_>>();
+    Ok(match &spec.kind {
+        OutputKind::Tensor { element, .. } => match element {
+            Element::F32 => {
+                let (shape, data) = value.try_extract_tensor::<f32>()?;
+                column(row_shape(shape), ColumnData::F32(data.to_vec()))
+            }
+            Element::F64 => {
+                let (shape, data) = value.try_extract_tensor::<f64>()?;
+                column(row_shape(shape), ColumnData::F64(data.to_vec()))
+            }
+            Element::I64 => {
+                let (shape, data) = value.try_extract_tensor::<i64>()?;
+                column(row_shape(shape), ColumnData::I64(data.to_vec()))
+            }
+            Element::I32 => {
+                let (shape, data) = value.try_extract_tensor::<i32>()?;
+                column(row_shape(shape), ColumnData::I32(data.to_vec()))
+            }
+            Element::Bool => {
+                let (shape, data) = value.try_extract_tensor::<bool>()?;
+                column(row_shape(shape), ColumnData::Bool(data.to_vec()))
+            }
+            Element::Str => {
+                let (shape, data) = value.try_extract_strings()?;
+                column(row_shape(shape), ColumnData::Str(data))
+            }
+        },
+        OutputKind::MapSequence { key } => {
+            let maps = value.try_extract_sequence::<DynMapValueType>()?;
+            let rows = maps
+                .iter()
+                .map(|map| match key {
+                    MapKeyType::I64 => map.try_extract_key_values::<i64, f32>().map(MapRow::I64),
+                    MapKeyType::Str => map.try_extract_key_values::<String, f32>().map(MapRow::Str),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            column(vec![], ColumnData::Maps(rows))
+        }
+    })
+}

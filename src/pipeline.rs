@@ -1,0 +1,156 @@
+//! Wires the stages together — consume → decode/validate → batch → infer → encode → publish →
+//! ack — and keeps the worker connected: a lost connection tears the stages down and they are
+//! rebuilt on a new one, with backoff. Nothing else knows all the stages.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, consumer::Consumer, AmqpError, Reply};
+use crate::batcher::{self, Segment};
+use crate::engine::{Column, InferenceError, ModelVersion, Repository};
+use crate::result;
+use crate::settings::Settings;
+use crate::telemetry::{self, Health};
+
+/// A validated job on its way to its batcher.
+#[derive(Debug)]
+pub struct Job {
+    pub meta: Arc<JobMeta>,
+    /// `meta.rows × n_features` values, row-major.
+    pub inputs: Vec<f32>,
+}
+
+/// What every stage after decoding needs to know about a job.
+#[derive(Debug)]
+pub struct JobMeta {
+    /// Unique per connection; keys the reassembly of split jobs.
+    pub seq: u64,
+    pub job_id: String,
+    pub model: Arc<ModelVersion>,
+    pub rows: usize,
+    pub received_at: Instant,
+    pub reply: Reply,
+}
+
+/// The outcome of one run, on its way to the result stage.
+pub struct ScoredBatch {
+    pub segments: Vec<Segment>,
+    pub outcome: Result<Vec<Column>, InferenceError>,
+    pub started_at: Instant,
+    pub inference_time: Duration,
+}
+
+/// An encoded result on its way to the publisher.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub reply: Reply,
+    pub job_id: Option<String>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("a pipeline stage stopped unexpectedly: {0}")]
+    Stage(String),
+}
+
+/// Runs until `shutdown` fires, reconnecting whenever the broker connection is lost.
+pub async fn run(settings: &Settings, repository: Arc<Repository>, health: Health, shutdown: CancellationToken) {
+    let max_backoff = Duration::from_millis(settings.amqp.reconnect_max_backoff_ms.max(100));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let outcome = serve(settings, &repository, &health, &shutdown).await;
+        health.set_broker_connected(false);
+        match outcome {
+            Ok(()) if shutdown.is_cancelled() => return,
+            Ok(()) => tracing::warn!("broker session ended; reconnecting"),
+            Err(error) => tracing::error!(%error, "broker session failed; reconnecting"),
+        }
+        if started.elapsed() > max_backoff {
+            backoff = Duration::from_millis(100);
+        }
+        let pause = with_jitter(backoff);
+        telemetry::record_reconnect();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// One connection's worth of pipeline; returns when shutdown drained it or the broker failed.
+async fn serve(
+    settings: &Settings,
+    repository: &Repository,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let connection = amqp::connect(&settings.amqp).await?;
+    let consume_channel = amqp::consumer_channel(&connection, settings.amqp.prefetch).await?;
+    amqp::declare_queues(&consume_channel, &settings.amqp).await?;
+    let publish_channel = amqp::confirming_channel(&connection).await?;
+    health.set_broker_connected(true);
+    tracing::info!(url = %amqp::redact(&settings.amqp.url), "connected to RabbitMQ");
+
+    let capacity = usize::from(settings.amqp.prefetch);
+    let (publish_tx, publish_rx) = mpsc::channel(capacity);
+    let (scored_tx, scored_rx) = mpsc::channel(settings.inference.sessions.max(2));
+    let mut stages = JoinSet::new();
+    let mut routes = HashMap::new();
+    for model in repository.versions() {
+        let (jobs_tx, jobs_rx) = mpsc::channel(capacity);
+        routes.insert((model.name.clone(), model.version), jobs_tx);
+        stages.spawn(batcher::run(Arc::clone(model), jobs_rx, scored_tx.clone()));
+    }
+    drop(scored_tx);
+    stages.spawn(result::run(scored_rx, publish_tx.clone()));
+    let mut publisher =
+        tokio::spawn(amqp::publisher::run(publish_channel, settings.amqp.results_queue.clone(), publish_rx));
+
+    let consumer = Consumer::new(settings, repository, routes, publish_tx);
+    let consumed = tokio::select! {
+        consumed = consumer.run(&consume_channel, shutdown) => consumed,
+        published = &mut publisher => {
+            return Err(match published {
+                Ok(Ok(())) => WorkerError::Stage("publisher".into()),
+                Ok(Err(error)) => error.into(),
+                Err(join) => WorkerError::Stage(join.to_string()),
+            });
+        }
+    };
+    consumed?;
+    // The consumer dropped its senders: batchers flush, runs finish, results publish, jobs ack.
+    let drain = async {
+        while stages.join_next().await.is_some() {}
+        publisher.await
+    };
+    let timeout = Duration::from_millis(settings.shutdown.timeout_ms);
+    match tokio::time::timeout(timeout, drain).await {
+        Ok(Ok(published)) => published?,
+        Ok(Err(join)) => return Err(WorkerError::Stage(join.to_string())),
+        Err(_) => tracing::warn!(
+            timeout_ms = settings.shutdown.timeout_ms,
+            "in-flight jobs did not finish in time; they stay unacknowledged and will be redelivered"
+        ),
+    }
+    // Closing returns any prefetched but unprocessed deliveries to the queue.
+    let _ = connection.close(200, "worker stopping".into()).await;
+    Ok(())
+}
+
+/// Up to a quarter more or less, so a fleet of workers does not reconnect in lockstep.
+fn with_jitter(base: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    base.mul_f64(factor)
+}

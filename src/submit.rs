@@ -1,0 +1,305 @@
+//! The `submit` command: a bulk client. Reads rows from CSV or JSONL, sends them as jobs of
+//! `--chunk-rows` rows, waits for every result and writes the outputs in input order.
+
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::Value;
+
+use crate::amqp;
+use crate::settings::Settings;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    /// Model to score with.
+    #[arg(long)]
+    pub model: String,
+    /// Pin a model version (default: the version the worker serves as latest).
+    #[arg(long)]
+    pub model_version: Option<u64>,
+    /// Input rows: .csv (a header row names the features) or .jsonl (an array or object per line).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write outputs, one line per input row: .csv or .jsonl.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Rows per job.
+    #[arg(long, default_value_t = 1000)]
+    pub chunk_rows: usize,
+    /// Give up when results have not all arrived after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
+}
+
+/// What `submit` did, printed at the end.
+#[derive(Debug)]
+pub struct Summary {
+    pub rows: usize,
+    pub jobs: usize,
+    pub elapsed: Duration,
+    pub output: PathBuf,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let seconds = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "scored {} rows in {} jobs in {seconds:.2} s ({:.0} rows/s); results in {}",
+            self.rows,
+            self.jobs,
+            self.rows as f64 / seconds.max(1e-9),
+            self.output.display()
+        )
+    }
+}
+
+/// Rows as JSON text, so each job body is assembled without re-encoding.
+struct InputRows {
+    /// `"rows"` (arrays) or `"records"` (objects).
+    field: &'static str,
+    items: Vec<String>,
+}
+
+pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summary> {
+    if args.chunk_rows == 0 {
+        bail!("--chunk-rows must be at least 1");
+    }
+    let input = read_input(&args.input)?;
+    if input.items.is_empty() {
+        bail!("{} holds no rows", args.input.display());
+    }
+    let started = Instant::now();
+    let connection = amqp::connect(&settings.amqp).await?;
+    let channel = amqp::confirming_channel(&connection).await?;
+    let reply_queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot declare a reply queue")?;
+    let mut replies = channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let chunks: Vec<&[String]> = input.items.chunks(args.chunk_rows).collect();
+    let mut confirms = Vec::with_capacity(chunks.len());
+    for (index, chunk) in chunks.iter().enumerate() {
+        let job_id = format!("{}-{index}", &run_id[..12]);
+        let body = job_body(&job_id, args, input.field, chunk);
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(job_id.as_str().into())
+            .with_correlation_id(job_id.as_str().into())
+            .with_reply_to(reply_queue.name().clone());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                settings.amqp.jobs_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        if !confirm.await?.is_ack() {
+            bail!("the broker refused a job; nothing was scored reliably, submit again");
+        }
+    }
+
+    let mut results: HashMap<usize, Value> = HashMap::with_capacity(chunks.len());
+    let deadline = tokio::time::sleep(Duration::from_secs(args.timeout_s));
+    tokio::pin!(deadline);
+    while results.len() < chunks.len() {
+        let delivery = tokio::select! {
+            _ = &mut deadline => bail!("{} of {} results arrived within {} s (--timeout-s); is a worker consuming {}?",
+                results.len(), chunks.len(), args.timeout_s, settings.amqp.jobs_queue),
+            delivery = replies.next() => delivery.ok_or_else(|| anyhow!("the reply queue closed"))??,
+        };
+        let body: Value = serde_json::from_slice(&delivery.data).context("a result is not JSON")?;
+        let index = body["job_id"]
+            .as_str()
+            .and_then(|id| id.strip_prefix(&run_id[..12]))
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(index) = index {
+            // A redelivered job may be answered twice; its results are identical.
+            results.entry(index).or_insert(body);
+        }
+    }
+    let _ = connection.close(200, "submit done".into()).await;
+    let elapsed = started.elapsed();
+
+    let ordered: Vec<Value> = (0..chunks.len()).map(|i| results.remove(&i).unwrap_or(Value::Null)).collect();
+    let failures: Vec<String> = ordered
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r["status"] != "ok")
+        .map(|(i, r)| {
+            format!(
+                "rows {}..{}: {} {}",
+                i * args.chunk_rows,
+                i * args.chunk_rows + chunks[i].len(),
+                r["error"]["code"],
+                r["error"]["message"]
+            )
+        })
+        .collect();
+    if !failures.is_empty() {
+        bail!("{} of {} jobs failed:\n  {}", failures.len(), chunks.len(), failures.join("\n  "));
+    }
+    write_output(&args.output, &ordered)?;
+    Ok(Summary { rows: input.items.len(), jobs: chunks.len(), elapsed, output: args.output.clone() })
+}
+
+fn job_body(job_id: &str, args: &SubmitArgs, field: &str, items: &[String]) -> String {
+    let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 128);
+    let _ = write!(body, r#"{{"job_id":{},"model":{}"#, Value::from(job_id), Value::from(args.model.as_str()));
+    if let Some(version) = args.model_version {
+        let _ = write!(body, r#","model_version":"{version}""#);
+    }
+    let _ = write!(body, r#","{field}":["#);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}");
+    body
+}
+
+fn read_input(path: &Path) -> anyhow::Result<InputRows> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    match extension(path) {
+        "csv" => read_csv(file, path),
+        "jsonl" | "ndjson" => read_jsonl(file, path),
+        _ => bail!("{}: input must be .csv or .jsonl", path.display()),
+    }
+}
+
+fn extension(path: &Path) -> &str {
+    path.extension().and_then(|e| e.to_str()).unwrap_or_default()
+}
+
+/// A header row (any field that is not a number) turns rows into named records.
+fn read_csv(file: std::fs::File, path: &Path) -> anyhow::Result<InputRows> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).trim(csv::Trim::All).from_reader(file);
+    let mut records = reader.records();
+    let Some(first) = records.next().transpose()? else {
+        return Ok(InputRows { field: "rows", items: Vec::new() });
+    };
+    let header: Option<Vec<String>> = first
+        .iter()
+        .any(|f| f.parse::<f64>().is_err())
+        .then(|| first.iter().map(|name| Value::from(name).to_string()).collect());
+    let mut items = Vec::new();
+    let rows = header.is_none().then_some(Ok(first)).into_iter().chain(records);
+    for (line, record) in rows.enumerate() {
+        let record = record?;
+        let line = line + if header.is_some() { 2 } else { 1 };
+        let mut item = String::new();
+        item.push(if header.is_some() { '{' } else { '[' });
+        for (i, field) in record.iter().enumerate() {
+            let value: f64 = field.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| {
+                anyhow!("{} line {line}, column {}: {field:?} is not a finite number", path.display(), i + 1)
+            })?;
+            if i > 0 {
+                item.push(',');
+            }
+            if let Some(names) = &header {
+                let name = names
+                    .get(i)
+                    .ok_or_else(|| anyhow!("{} line {line} has more fields than the header", path.display()))?;
+                let _ = write!(item, "{name}:");
+            }
+            let _ = write!(item, "{value}");
+        }
+        item.push(if header.is_some() { '}' } else { ']' });
+        items.push(item);
+    }
+    Ok(InputRows { field: if header.is_some() { "records" } else { "rows" }, items })
+}
+
+fn read_jsonl(file: std::fs::File, path: &Path) -> anyhow::Result<InputRows> {
+    let mut field = None;
+    let mut items = Vec::new();
+    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let kind = match serde_json::from_str::<Value>(&line) {
+            Ok(Value::Array(_)) => "rows",
+            Ok(Value::Object(_)) => "records",
+            Ok(_) => bail!("{} line {}: expected an array or an object", path.display(), number + 1),
+            Err(e) => bail!("{} line {}: {e}", path.display(), number + 1),
+        };
+        if *field.get_or_insert(kind) != kind {
+            bail!("{} line {}: mixes arrays and objects; use one form", path.display(), number + 1);
+        }
+        items.push(line);
+    }
+    Ok(InputRows { field: field.unwrap_or("rows"), items })
+}
+
+fn write_output(path: &Path, results: &[Value]) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = BufWriter::new(file);
+    let rows = results.iter().flat_map(|result| {
+        let outputs = result["outputs"].as_object().cloned().unwrap_or_default();
+        let n = result["rows"].as_u64().unwrap_or(0) as usize;
+        (0..n).map(move |i| outputs.iter().map(|(name, values)| (name.clone(), values[i].clone())).collect::<Vec<_>>())
+    });
+    match extension(path) {
+        "jsonl" | "ndjson" => {
+            for row in rows {
+                serde_json::to_writer(&mut out, &row.into_iter().collect::<serde_json::Map<_, _>>())?;
+                out.write_all(b"\n")?;
+            }
+        }
+        "csv" => {
+            let mut header_written = false;
+            for row in rows {
+                let cells: Vec<(String, String)> = row.iter().flat_map(|(name, value)| flatten(name, value)).collect();
+                if !header_written {
+                    writeln!(out, "{}", cells.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(","))?;
+                    header_written = true;
+                }
+                writeln!(out, "{}", cells.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(","))?;
+            }
+        }
+        _ => bail!("{}: output must be .csv or .jsonl", path.display()),
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// One CSV cell per scalar: `probabilities` [a, b] → `probabilities_0`, `probabilities_1`.
+fn flatten(name: &str, value: &Value) -> Vec<(String, String)> {
+    match value {
+        Value::Array(items) => items.iter().enumerate().flat_map(|(i, v)| flatten(&format!("{name}_{i}"), v)).collect(),
+        Value::Object(map) => map.iter().flat_map(|(k, v)| flatten(&format!("{name}_{k}"), v)).collect(),
+        Value::String(s) => vec![(name.to_string(), s.clone())],
+        other => vec![(name.to_string(), other.to_string())],
+    }
+}

@@ -1,0 +1,149 @@
+//! Telemetry in one place: logging set-up, every metric name with its help text and buckets,
+//! and the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::batcher::CloseReason;
+use crate::job::ErrorCode;
+use crate::settings::{LogFormat, LoggingSettings};
+
+pub const JOBS_RECEIVED: &str = "batchscore_jobs_received_total";
+pub const JOBS_COMPLETED: &str = "batchscore_jobs_completed_total";
+pub const JOB_ERRORS: &str = "batchscore_job_errors_total";
+pub const ROWS_SCORED: &str = "batchscore_rows_scored_total";
+pub const JOB_DURATION: &str = "batchscore_job_duration_seconds";
+pub const BATCH_ROWS: &str = "batchscore_batch_rows";
+pub const BATCH_JOBS: &str = "batchscore_batch_jobs";
+pub const BATCHES: &str = "batchscore_batches_total";
+pub const INFERENCE_DURATION: &str = "batchscore_inference_duration_seconds";
+pub const BROKER_CONNECTED: &str = "batchscore_broker_connected";
+pub const BROKER_RECONNECTS: &str = "batchscore_broker_reconnects_total";
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const SIZE_BUCKETS: &[f64] =
+    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+
+/// Installs the log subscriber once per process; later calls are no-ops.
+pub fn init_logging(settings: &LoggingSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match settings.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn recorder() -> &'static PrometheusHandle {
+    RECORDER.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), SIZE_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_JOBS.into()), SIZE_BUCKETS))
+            .and_then(|b| b.install_recorder())
+            // Invariant: the bucket lists are non-empty constants and this is the only recorder.
+            .expect("Prometheus recorder installs once");
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(JOBS_RECEIVED, "Jobs accepted for scoring, by model.");
+    describe_counter!(JOBS_COMPLETED, "Jobs answered, by model and status (ok or error).");
+    describe_counter!(JOB_ERRORS, "Jobs answered with an error, by error code.");
+    describe_counter!(ROWS_SCORED, Unit::Count, "Rows scored, by model.");
+    describe_histogram!(JOB_DURATION, Unit::Seconds, "Time from receipt of a job to its encoded result.");
+    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per ONNX Runtime run.");
+    describe_histogram!(BATCH_JOBS, Unit::Count, "Jobs (or parts of jobs) per ONNX Runtime run.");
+    describe_counter!(BATCHES, "ONNX Runtime runs, by model and the reason the batch closed.");
+    describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Duration of one ONNX Runtime run.");
+    describe_gauge!(BROKER_CONNECTED, "1 while connected to RabbitMQ.");
+    describe_counter!(BROKER_RECONNECTS, "Reconnections to RabbitMQ after a lost connection.");
+}
+
+pub fn record_job_received(model: &str) {
+    counter!(JOBS_RECEIVED, "model" => model.to_string()).increment(1);
+}
+
+pub fn record_job_error(code: ErrorCode) {
+    counter!(JOB_ERRORS, "code" => code.as_str()).increment(1);
+}
+
+pub fn record_job_done(model: &str, status: &'static str, rows: usize, duration: Duration) {
+    counter!(JOBS_COMPLETED, "model" => model.to_string(), "status" => status).increment(1);
+    if status == "ok" {
+        counter!(ROWS_SCORED, "model" => model.to_string()).increment(rows as u64);
+    }
+    histogram!(JOB_DURATION, "model" => model.to_string()).record(duration.as_secs_f64());
+}
+
+pub fn record_batch(model: &str, version: u64, rows: usize, jobs: usize, closed_by: CloseReason, duration: Duration) {
+    let version = version.to_string();
+    histogram!(BATCH_ROWS, "model" => model.to_string(), "version" => version.clone()).record(rows as f64);
+    histogram!(BATCH_JOBS, "model" => model.to_string(), "version" => version.clone()).record(jobs as f64);
+    counter!(BATCHES, "model" => model.to_string(), "version" => version.clone(), "reason" => closed_by.as_str())
+        .increment(1);
+    histogram!(INFERENCE_DURATION, "model" => model.to_string(), "version" => version).record(duration.as_secs_f64());
+}
+
+pub fn record_reconnect() {
+    counter!(BROKER_RECONNECTS).increment(1);
+}
+
+/// Liveness and readiness, shared by the pipeline (writer) and the HTTP endpoints (readers).
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    broker_connected: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.store(connected, Ordering::Relaxed);
+        gauge!(BROKER_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    /// Models are loaded before the worker starts consuming, so readiness is the broker link.
+    pub fn ready(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds `addr` and serves the endpoints in the background; returns the bound address.
+pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<SocketAddr> {
+    let handle = recorder();
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| std::future::ready("ok")))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = health.ready();
+                std::future::ready(if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                })
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "metrics listener stopped");
+        }
+    });
+    Ok(bound)
+}

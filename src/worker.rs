@@ -1,0 +1,85 @@
+//! The `worker` command: loads ONNX Runtime and every model, opens the metrics listener, then
+//! runs the pipeline until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::runtime::{self, RuntimeError};
+use crate::engine::{repository::RepositoryError, Repository};
+use crate::pipeline;
+use crate::settings::Settings;
+use crate::telemetry::{self, Health};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("cannot listen on {addr} (metrics.listen): {source}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A worker whose models are loaded and whose endpoints are up, ready to consume.
+pub struct Worker {
+    settings: Settings,
+    repository: Arc<Repository>,
+    health: Health,
+    pub metrics_addr: SocketAddr,
+}
+
+impl Worker {
+    pub async fn start(settings: Settings) -> Result<Self, StartError> {
+        let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
+        let repository = {
+            let settings = settings.clone();
+            // Loading sessions reads and optimises model files: blocking work.
+            tokio::task::spawn_blocking(move || Repository::load(env, &settings))
+                .await
+                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?
+        };
+        let health = Health::default();
+        let addr = settings.metrics_addr().map_err(|_| StartError::Metrics {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source: std::io::Error::other("metrics.listen is not host:port"),
+        })?;
+        let metrics_addr =
+            telemetry::serve(addr, health.clone()).await.map_err(|source| StartError::Metrics { addr, source })?;
+        tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
+        Ok(Self { settings, repository: Arc::new(repository), health, metrics_addr })
+    }
+
+    pub fn repository(&self) -> &Repository {
+        &self.repository
+    }
+
+    /// Consumes until `shutdown` fires and in-flight jobs are drained.
+    pub async fn run(self, shutdown: CancellationToken) {
+        pipeline::run(&self.settings, self.repository, self.health, shutdown).await;
+    }
+}
+
+/// Fires the token on SIGINT or SIGTERM.
+pub fn cancel_on_signal(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let interrupt = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = interrupt => tracing::info!("SIGINT received; finishing in-flight jobs"),
+            _ = terminate => tracing::info!("SIGTERM received; finishing in-flight jobs"),
+        }
+        shutdown.cancel();
+    });
+}
