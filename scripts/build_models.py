@@ -238,6 +238,25 @@ def check_and_report(summary, n_features, X_held, y_held):
     return demo_auc
 
 
+def write_faulty_model():
+    """A model whose output has one row whatever the batch size: batches of one row score,
+    larger batches fail in the worker's output check. Exercises the `internal` error path."""
+    from onnx import TensorProto, checker, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["input"], ["total"], keepdims=1, axes=[0])],
+        "reducer",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="batchscore")
+    model.ir_version = 8
+    checker.check_model(model)
+    path = ROOT / "tests/fixtures/faulty/reducer/1/model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+
+
 def main():
     X_df, y, features = load_features()
     X_train, X_held_df, y_train, y_held = train_test_split(
@@ -278,6 +297,7 @@ def main():
     write_samples(demo_dir / "samples", X_held_df)
     demo_auc = check_and_report(summary, n, X_held, y_held)
     write_model_card(demo_dir, n, len(y_train), len(y_held), demo_auc)
+    write_faulty_model()
 
 
 if __name__ == "__main__":

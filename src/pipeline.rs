@@ -129,8 +129,10 @@ async fn serve(
     };
     consumed?;
     // The consumer dropped its senders: batchers flush, runs finish, results publish, jobs ack.
+    tracing::debug!("consumer stopped; draining");
     let drain = async {
         while stages.join_next().await.is_some() {}
+        tracing::debug!("batchers and result stage stopped");
         publisher.await
     };
     let timeout = Duration::from_millis(settings.shutdown.timeout_ms);
@@ -142,8 +144,10 @@ async fn serve(
             "in-flight jobs did not finish in time; they stay unacknowledged and will be redelivered"
         ),
     }
-    // Closing returns any prefetched but unprocessed deliveries to the queue.
-    let _ = connection.close(200, "worker stopping".into()).await;
+    tracing::debug!("publisher stopped; closing the connection");
+    // Closing returns any prefetched but unprocessed deliveries to the queue. The broker's reply
+    // is not worth waiting long for: dropping the connection has the same effect.
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "worker stopping".into())).await;
     Ok(())
 }
 

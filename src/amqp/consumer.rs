@@ -54,6 +54,7 @@ impl<'a> Consumer<'a> {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Deliveries already prefetched but not taken stay unacked and return to the queue.
+                    tracing::debug!(queue, "shutdown: cancelling the subscription");
                     channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default()).await?;
                     return Ok(());
                 }

@@ -1,0 +1,237 @@
+//! Test harness: an in-process worker on uniquely named queues of the real broker, and a client
+//! that sends jobs and collects results, checking every result against the JSON Schema.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use batchscore::settings::Settings;
+use batchscore::worker::Worker;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TOLERANCE: f64 = 1e-6;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures_repository() -> PathBuf {
+    root().join("tests/fixtures/models")
+}
+
+/// `tests/fixtures/expected/<name>.json`.
+pub fn expected(name: &str) -> Value {
+    let path = root().join(format!("tests/fixtures/expected/{name}.json"));
+    serde_json::from_slice(&std::fs::read(&path).expect("expected outputs exist")).expect("expected outputs are JSON")
+}
+
+/// The shipped settings.yaml, pointed at per-test queues and a free metrics port.
+pub fn settings(test: &str, repository: &Path) -> Settings {
+    let mut settings = Settings::load(&root().join("settings.yaml"), true).expect("settings.yaml loads");
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    settings.amqp.jobs_queue = format!("test.{test}.{}.jobs", &unique[..8]);
+    settings.amqp.results_queue = format!("test.{test}.{}.results", &unique[..8]);
+    settings.amqp.connection_name = format!("batchscore-test-{test}");
+    settings.models.repository = repository.to_path_buf();
+    settings.metrics.listen = "127.0.0.1:0".into();
+    settings.onnxruntime.library_path = None;
+    // Tests provoke errors on purpose; RUST_LOG (which wins) shows the logs when wanted.
+    settings.logging.level = "off".into();
+    settings
+}
+
+pub struct TestWorker {
+    pub settings: Settings,
+    shutdown: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl TestWorker {
+    pub async fn start(settings: Settings) -> TestWorker {
+        batchscore::telemetry::init_logging(&settings.logging);
+        let worker = Worker::start(settings.clone()).await.expect("worker starts");
+        let metrics = worker.metrics_addr;
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        Self::wait_until_ready(metrics).await;
+        TestWorker { settings, shutdown, handle }
+    }
+
+    /// Ready means connected with queues declared; jobs sent before could be unroutable.
+    async fn wait_until_ready(metrics: SocketAddr) {
+        for _ in 0..200 {
+            if let Ok(mut stream) = TcpStream::connect(metrics).await {
+                let mut response = String::new();
+                let sent = stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_ok();
+                if sent
+                    && stream.read_to_string(&mut response).await.is_ok()
+                    && response.split_whitespace().nth(1) == Some("200")
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("worker at {metrics} did not become ready");
+    }
+
+    /// Stops the worker (draining in-flight jobs) and returns how many jobs are left in its queue.
+    pub async fn stop(self) -> u32 {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task");
+        let connection = connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let left = channel
+            .queue_declare(self.settings.amqp.jobs_queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .expect("jobs queue exists")
+            .message_count();
+        for queue in [&self.settings.amqp.jobs_queue, &self.settings.amqp.results_queue] {
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        left
+    }
+}
+
+pub async fn connect() -> Connection {
+    let url = std::env::var("BATCHSCORE__AMQP__URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    Connection::connect(&url, ConnectionProperties::default()).await.expect("RabbitMQ answers on 127.0.0.1:5672")
+}
+
+/// Sends jobs to a worker and receives their results on a private reply queue.
+pub struct Client {
+    _connection: Connection,
+    channel: Channel,
+    jobs_queue: String,
+    pub reply_queue: String,
+    replies: lapin::Consumer,
+    schema: jsonschema::Validator,
+}
+
+impl Client {
+    pub async fn new(settings: &Settings) -> Client {
+        Self::with_reply_queue_arguments(settings, FieldTable::default()).await
+    }
+
+    pub async fn with_reply_queue_arguments(settings: &Settings, arguments: FieldTable) -> Client {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(Default::default()).await.expect("confirms");
+        let reply_queue =
+            format!("{}.replies.{}", settings.amqp.jobs_queue, &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        channel.queue_declare(reply_queue.as_str().into(), options, arguments).await.expect("reply queue");
+        let replies = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume replies");
+        let schema_text = std::fs::read(root().join("schemas/result.schema.json")).expect("result schema exists");
+        let schema = jsonschema::validator_for(&serde_json::from_slice(&schema_text).expect("schema is JSON"))
+            .expect("schema compiles");
+        Client {
+            _connection: connection,
+            channel,
+            jobs_queue: settings.amqp.jobs_queue.clone(),
+            reply_queue,
+            replies,
+            schema,
+        }
+    }
+
+    /// Publishes raw bytes as a job replying to this client; waits for the broker's confirm.
+    pub async fn send_raw(&self, body: &[u8], properties: BasicProperties) {
+        let properties = properties.with_reply_to(self.reply_queue.as_str().into());
+        let confirm = self
+            .channel
+            .basic_publish("".into(), self.jobs_queue.as_str().into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "broker refused a job");
+    }
+
+    pub async fn send(&self, job: &Value) {
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        self.send_raw(&serde_json::to_vec(job).expect("job serialises"), properties).await;
+    }
+
+    /// The next `n` results (with their correlation ids), each checked against the result schema.
+    pub async fn results(&mut self, n: usize) -> Vec<(Value, Option<String>)> {
+        let mut results = Vec::with_capacity(n);
+        while results.len() < n {
+            let delivery = tokio::time::timeout(Duration::from_secs(30), self.replies.next())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} results arrived within 30 s", results.len()))
+                .expect("reply stream open")
+                .expect("delivery");
+            let body: Value = serde_json::from_slice(&delivery.data).expect("result is JSON");
+            if let Err(error) = self.schema.validate(&body) {
+                panic!("result does not match schemas/result.schema.json: {error}\n{body}");
+            }
+            assert_eq!(delivery.properties.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
+            assert_eq!(*delivery.properties.delivery_mode(), Some(2), "results are persistent");
+            results.push((body, delivery.properties.correlation_id().as_ref().map(|c| c.to_string())));
+        }
+        results
+    }
+
+    pub async fn result(&mut self) -> Value {
+        self.results(1).await.remove(0).0
+    }
+}
+
+/// Asserts `actual` equals `expected`, numbers within `TOLERANCE`; `path` names the spot on failure.
+pub fn assert_close(actual: &Value, expected: &Value, path: &str) {
+    match (actual, expected) {
+        (Value::Number(a), Value::Number(e)) => {
+            let (a, e) = (a.as_f64().expect("number"), e.as_f64().expect("number"));
+            assert!((a - e).abs() <= TOLERANCE, "{path}: {a} differs from {e} by more than {TOLERANCE}");
+        }
+        (Value::Array(a), Value::Array(e)) => {
+            assert_eq!(a.len(), e.len(), "{path}: length");
+            for (i, (a, e)) in a.iter().zip(e).enumerate() {
+                assert_close(a, e, &format!("{path}[{i}]"));
+            }
+        }
+        (Value::Object(a), Value::Object(e)) => {
+            let mut keys_a: Vec<_> = a.keys().collect();
+            let mut keys_e: Vec<_> = e.keys().collect();
+            keys_a.sort();
+            keys_e.sort();
+            assert_eq!(keys_a, keys_e, "{path}: keys");
+            for (k, e) in e {
+                assert_close(&a[k], e, &format!("{path}.{k}"));
+            }
+        }
+        (a, e) => assert_eq!(a, e, "{path}"),
+    }
+}
+
+/// Rows `range` of each expected output.
+pub fn expected_slice(outputs: &Value, range: std::ops::Range<usize>) -> Value {
+    let sliced = outputs
+        .as_object()
+        .expect("outputs object")
+        .iter()
+        .map(|(name, values)| (name.clone(), Value::Array(values.as_array().expect("array")[range.clone()].to_vec())))
+        .collect();
+    Value::Object(sliced)
+}

@@ -1,0 +1,48 @@
+//! The shipped examples and sample jobs follow the published JSON Schemas.
+
+mod common;
+
+use std::path::Path;
+
+fn validator(schema: &str) -> jsonschema::Validator {
+    let text = std::fs::read(common::root().join("schemas").join(schema)).expect("schema exists");
+    jsonschema::validator_for(&serde_json::from_slice(&text).expect("schema is JSON")).expect("schema compiles")
+}
+
+fn check(validator: &jsonschema::Validator, path: &Path) {
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(path).expect("readable")).expect("JSON");
+    if let Err(error) = validator.validate(&value) {
+        panic!("{} does not match its schema: {error}", path.display());
+    }
+}
+
+#[test]
+fn examples_and_samples_match_the_schemas() {
+    let (jobs, results) = (validator("job.schema.json"), validator("result.schema.json"));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(common::root().join("schemas/examples")).expect("examples exist") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        match name.split('-').next() {
+            Some("job") => check(&jobs, &path),
+            Some("result") => check(&results, &path),
+            _ => panic!("{name}: examples are named job-* or result-*"),
+        }
+        checked += 1;
+    }
+    for sample in ["job_rows.json", "job_records.json"] {
+        check(&jobs, &common::root().join("models/credit_default/samples").join(sample));
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} files checked");
+}
+
+#[test]
+fn schemas_reject_what_the_worker_rejects() {
+    let jobs = validator("job.schema.json");
+    assert!(!jobs.is_valid(&serde_json::json!({"job_id": "a", "model": "m"})), "neither rows nor records");
+    assert!(!jobs.is_valid(&serde_json::json!({"job_id": "a", "model": "m", "rows": []})), "empty rows");
+    let results = validator("result.schema.json");
+    assert!(!results
+        .is_valid(&serde_json::json!({"job_id": "a", "status": "error", "error": {"code": "nope", "message": "x"}})));
+}

@@ -1,0 +1,166 @@
+//! Every error code is answered with a result naming the problem, the job is acknowledged and
+//! never retried, and the worker keeps scoring the jobs that follow.
+
+mod common;
+
+use common::{expected, fixtures_repository, Client, TestWorker};
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+fn json_properties() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into())
+}
+
+/// Sends `body`, returns the result and checks it is an error with `code` whose message has `needle`.
+async fn expect_error(
+    client: &mut Client,
+    body: &[u8],
+    properties: BasicProperties,
+    code: &str,
+    needle: &str,
+) -> Value {
+    client.send_raw(body, properties).await;
+    let result = client.result().await;
+    assert_eq!(result["status"], "error", "{result}");
+    assert_eq!(result["error"]["code"], code, "{result}");
+    let message = result["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "message {message:?} should contain {needle:?}");
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_error_code_is_answered_and_the_worker_keeps_scoring() {
+    let mut settings = common::settings("errors", &fixtures_repository());
+    settings.limits.max_rows_per_job = 100;
+    settings.limits.max_job_bytes = 64 * 1024;
+    let worker = TestWorker::start(settings).await;
+    let mut client = Client::new(&worker.settings).await;
+    let row: Vec<Value> = expected("linear_v1")["rows"][0].as_array().unwrap().clone();
+    let short_row = &row[..61];
+    let job =
+        |id: &str, rows: Value| serde_json::to_vec(&json!({"job_id": id, "model": "linear", "rows": rows})).unwrap();
+
+    expect_error(&mut client, b"{not json", json_properties(), "invalid_json", "").await;
+    expect_error(&mut client, b"[1, 2, 3]", json_properties(), "invalid_json", "must be a JSON object, found an array")
+        .await;
+    expect_error(&mut client, b"{\"job_id\": \"\xff\xfe\"}", json_properties(), "invalid_json", "not UTF-8").await;
+    let result = expect_error(
+        &mut client,
+        &job("short", json!([row, row, short_row])),
+        json_properties(),
+        "invalid_input",
+        "row 2 has 61 values; model linear expects 62",
+    )
+    .await;
+    assert_eq!(result["job_id"], "short");
+    assert_eq!(result["model"], "linear");
+    expect_error(&mut client, &job("text", json!([["a"]])), json_properties(), "invalid_input", "rows[0][0]").await;
+    expect_error(&mut client, &job("empty", json!([])), json_properties(), "invalid_input", "no rows").await;
+    expect_error(
+        &mut client,
+        &job("huge", json!([[1e39]])),
+        json_properties(),
+        "invalid_input",
+        "outside the float32 range",
+    )
+    .await;
+    expect_error(
+        &mut client,
+        br#"{"model": "linear", "rows": [[1]]}"#,
+        json_properties(),
+        "invalid_input",
+        "no job_id",
+    )
+    .await;
+    expect_error(
+        &mut client,
+        br#"{"job_id": "nomodel", "rows": [[1]]}"#,
+        json_properties(),
+        "invalid_input",
+        "no model",
+    )
+    .await;
+    expect_error(
+        &mut client,
+        &job("ct", json!([row])),
+        BasicProperties::default().with_content_type("text/csv".into()),
+        "invalid_input",
+        "content_type",
+    )
+    .await;
+    let records =
+        serde_json::to_vec(&json!({"job_id": "rec", "model": "linear", "records": [{"duration_months": 1}]})).unwrap();
+    expect_error(&mut client, &records, json_properties(), "invalid_input", "records[0] has no value for feature")
+        .await;
+    let unknown = serde_json::to_vec(&json!({"job_id": "u", "model": "fraud", "rows": [row]})).unwrap();
+    let result = expect_error(
+        &mut client,
+        &unknown,
+        json_properties(),
+        "unknown_model",
+        "model \"fraud\" is not in the repository",
+    )
+    .await;
+    assert_eq!(result["job_id"], "u");
+    let version =
+        serde_json::to_vec(&json!({"job_id": "v", "model": "linear", "model_version": "9", "rows": [row]})).unwrap();
+    expect_error(&mut client, &version, json_properties(), "unknown_model", "has no version 9 (available: 1, 2)").await;
+    let many = vec![Value::Array(row.clone()); 101];
+    expect_error(
+        &mut client,
+        &job("many", json!(many)),
+        json_properties(),
+        "too_large",
+        "limit is 100 (limits.max_rows_per_job)",
+    )
+    .await;
+    let padding = " ".repeat(70 * 1024);
+    let big = format!(r#"{{"job_id": "big", "model": "linear", "rows": [[1]]}}{padding}"#);
+    expect_error(&mut client, big.as_bytes(), json_properties(), "too_large", "limits.max_job_bytes").await;
+
+    // After all of that, a good job is still scored.
+    client.send_raw(&job("good", json!([row])), json_properties()).await;
+    let result = client.result().await;
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(worker.stop().await, 0, "every job, good or bad, was acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_failure_is_answered_as_internal() {
+    let repository = common::root().join("tests/fixtures/faulty");
+    let worker = TestWorker::start(common::settings("internal", &repository)).await;
+    let mut client = Client::new(&worker.settings).await;
+    // The reducer model returns one row whatever the batch: two rows cannot be scored.
+    let body =
+        serde_json::to_vec(&json!({"job_id": "two", "model": "reducer", "rows": [[1, 2, 3], [4, 5, 6]]})).unwrap();
+    let result =
+        expect_error(&mut client, &body, json_properties(), "internal", "output total has 1 rows for a batch of 2")
+            .await;
+    assert_eq!(result["model_version"], "1");
+    let one = serde_json::to_vec(&json!({"job_id": "one", "model": "reducer", "rows": [[1, 2, 3]]})).unwrap();
+    client.send_raw(&one, json_properties()).await;
+    let result = client.result().await;
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["outputs"]["total"], json!([[1.0, 2.0, 3.0]]));
+    assert_eq!(worker.stop().await, 0);
+}
+
+/// A result the broker refuses (its reply queue rejects publishes) is never confirmed, so its job
+/// is never acknowledged and stays in the queue; a confirmed result's job is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_is_acknowledged_only_after_its_result_is_confirmed() {
+    let worker = TestWorker::start(common::settings("ackorder", &fixtures_repository())).await;
+    let mut refusing_args = lapin::types::FieldTable::default();
+    refusing_args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
+    refusing_args.insert("x-overflow".into(), lapin::types::AMQPValue::LongString("reject-publish".into()));
+    let refusing = Client::with_reply_queue_arguments(&worker.settings, refusing_args).await;
+    let mut accepting = Client::new(&worker.settings).await;
+    let row = expected("linear_v1")["rows"][0].clone();
+    let job = |id: &str| serde_json::to_vec(&json!({"job_id": id, "model": "linear", "rows": [row]})).unwrap();
+
+    refusing.send_raw(&job("refused"), json_properties()).await;
+    accepting.send_raw(&job("accepted"), json_properties()).await;
+    let result = accepting.result().await;
+    assert_eq!(result["job_id"], "accepted");
+    assert_eq!(worker.stop().await, 1, "the refused job is still in the queue; the accepted one is gone");
+}
