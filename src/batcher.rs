@@ -7,14 +7,15 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 
 use crate::engine::{InferenceError, ModelVersion};
 use crate::infer;
-use crate::pipeline::{Job, JobMeta, ScoredBatch};
+use crate::job::ErrorCode;
+use crate::pipeline::{Job, JobFailure, JobMeta, ScoredBatch};
 
 /// Why a batch stopped taking rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,13 +134,13 @@ pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored
     loop {
         if pending.is_empty() {
             match jobs.recv().await {
-                Some(job) => pending.push(job),
+                Some(job) => admit(job, &mut pending, &scored).await,
                 None => break,
             }
         }
         while open && pending.rows() < max_rows {
             match jobs.try_recv() {
-                Ok(job) => pending.push(job),
+                Ok(job) => admit(job, &mut pending, &scored).await,
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
@@ -153,7 +154,7 @@ pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored
                 biased;
                 session = model.session() => break (session, if open { CloseReason::Idle } else { CloseReason::Drain }),
                 job = jobs.recv(), if open => match job {
-                    Some(job) => pending.push(job),
+                    Some(job) => admit(job, &mut pending, &scored).await,
                     None => open = false,
                 },
                 _ = sleep_until(deadline) => break (model.session().await, CloseReason::Delay),
@@ -170,8 +171,27 @@ pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored
     }
 }
 
+/// Queues `job` for a batch, unless its deadline has passed: then it is answered `expired`.
+async fn admit(job: Job, pending: &mut Pending, scored: &mpsc::Sender<ScoredBatch>) {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    match job.meta.deadline_ms {
+        Some(deadline) if deadline < now_ms => {
+            let rows = job.meta.rows;
+            let failure = JobFailure {
+                code: ErrorCode::Expired,
+                message: format!("the job's deadline passed {} ms before it could be scored", now_ms - deadline),
+            };
+            let segment = Segment { job: job.meta, job_offset: 0, batch_offset: 0, rows };
+            let batch = Batch { inputs: Vec::new(), rows, segments: vec![segment], closed_by: CloseReason::Drain };
+            // The result stage outlives every batcher; a closed channel means the worker is stopping.
+            let _ = scored.send(ScoredBatch::failed(batch, failure)).await;
+        }
+        _ => pending.push(job),
+    }
+}
+
 async fn fail(batch: Batch, error: InferenceError, scored: &mpsc::Sender<ScoredBatch>) {
-    let failed = ScoredBatch::failed(batch, error);
+    let failed = ScoredBatch::failed(batch, error.into());
     // The result stage outlives every batcher; a closed channel means the worker is stopping.
     let _ = scored.send(failed).await;
 }

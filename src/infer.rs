@@ -1,60 +1,86 @@
-//! Runs one batch on a pooled ONNX Runtime session, on a blocking thread so the async
-//! stages keep moving, and hands the outcome to the result stage.
+//! Runs one batch on a pooled ONNX Runtime session, on a blocking thread so the async stages
+//! keep moving, and hands the outcome to the result stage. A batch that fails is re-run in
+//! halves until the failure is narrowed to the jobs that cause it, so the others still score.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ort::session::Session;
 use tokio::sync::mpsc;
 
-use crate::batcher::Batch;
+use crate::batcher::{Batch, Segment};
 use crate::engine::{InferenceError, ModelVersion, PooledSession};
-use crate::pipeline::ScoredBatch;
+use crate::pipeline::{JobFailure, ScoredBatch};
 use crate::telemetry;
 
 /// Starts the run; the session returns to the pool when the run ends.
 pub fn spawn(model: Arc<ModelVersion>, mut session: PooledSession, batch: Batch, scored: mpsc::Sender<ScoredBatch>) {
     tokio::spawn(async move {
         let started_at = Instant::now();
-        let labels = (model.name.clone(), model.version);
-        let run = tokio::task::spawn_blocking(move || {
-            // A panic inside the run must not take the batch with it: its jobs still need answers.
-            let outcome =
-                std::panic::catch_unwind(AssertUnwindSafe(|| model.run(&mut session, &batch.inputs, batch.rows)))
-                    .unwrap_or(Err(InferenceError::Panicked));
-            (batch, outcome)
-        })
-        .await;
+        let (name, version, rows, jobs, closed_by) =
+            (model.name.clone(), model.version, batch.rows, batch.segments.len(), batch.closed_by);
+        let run = tokio::task::spawn_blocking(move || run_isolating(&model, &mut session, batch)).await;
         let inference_time = started_at.elapsed();
-        let scored_batch = match run {
-            Ok((batch, outcome)) => {
-                telemetry::record_batch(
-                    &labels.0,
-                    labels.1,
-                    batch.rows,
-                    batch.segments.len(),
-                    batch.closed_by,
-                    inference_time,
-                );
-                ScoredBatch { segments: batch.segments, outcome, started_at, inference_time }
-            }
+        let parts = match run {
+            Ok(parts) => parts,
             Err(join_error) => {
                 // Only a runtime shutdown cancels a blocking task; its jobs stay unacknowledged and
                 // the broker redelivers them.
-                tracing::warn!(model = %labels.0, version = labels.1, error = %join_error, "inference cancelled");
+                tracing::warn!(model = %name, version, error = %join_error, "inference cancelled");
                 return;
             }
         };
-        // The result stage outlives every run; a closed channel means the worker is stopping.
-        let _ = scored.send(scored_batch).await;
+        telemetry::record_batch(&name, version, rows, jobs, closed_by, inference_time);
+        for (segments, outcome) in parts {
+            let scored_batch = ScoredBatch { segments, outcome, started_at, inference_time };
+            // The result stage outlives every run; a closed channel means the worker is stopping.
+            if scored.send(scored_batch).await.is_err() {
+                return;
+            }
+        }
     });
 }
 
+type Part = (Vec<Segment>, Result<Vec<crate::engine::Column>, JobFailure>);
+
+/// Runs `batch`; on failure re-runs each half, down to single jobs, and returns every part.
+fn run_isolating(model: &ModelVersion, session: &mut Session, batch: Batch) -> Vec<Part> {
+    // A panic inside the run must not take the batch with it: its jobs still need answers.
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(session, &batch.inputs, batch.rows)))
+        .unwrap_or(Err(InferenceError::Panicked));
+    match outcome {
+        Ok(columns) => vec![(batch.segments, Ok(columns))],
+        Err(error) if batch.segments.len() > 1 => {
+            tracing::warn!(model = %model.name, version = model.version, jobs = batch.segments.len(), %error,
+                "batch failed; re-running it in parts to isolate the failing jobs");
+            let (first, second) = halve(batch, model.signature.n_features);
+            let mut parts = run_isolating(model, session, first);
+            parts.extend(run_isolating(model, session, second));
+            parts
+        }
+        Err(error) => vec![(batch.segments, Err(error.into()))],
+    }
+}
+
+/// Splits a batch of two or more segments into two batches at a segment boundary.
+fn halve(mut batch: Batch, n_features: usize) -> (Batch, Batch) {
+    let second_segments = batch.segments.split_off(batch.segments.len() / 2);
+    let first_rows: usize = batch.segments.iter().map(|s| s.rows).sum();
+    let second_inputs = batch.inputs.split_off(first_rows * n_features);
+    let rebased =
+        second_segments.into_iter().map(|s| Segment { batch_offset: s.batch_offset - first_rows, ..s }).collect();
+    let second =
+        Batch { inputs: second_inputs, rows: batch.rows - first_rows, segments: rebased, closed_by: batch.closed_by };
+    let first = Batch { inputs: batch.inputs, rows: first_rows, segments: batch.segments, closed_by: batch.closed_by };
+    (first, second)
+}
+
 impl ScoredBatch {
-    pub fn failed(batch: Batch, error: InferenceError) -> Self {
+    pub fn failed(batch: Batch, failure: JobFailure) -> Self {
         ScoredBatch {
             segments: batch.segments,
-            outcome: Err(error),
+            outcome: Err(failure),
             started_at: Instant::now(),
             inference_time: Default::default(),
         }

@@ -20,6 +20,8 @@ pub enum ErrorCode {
     UnknownModel,
     TooLarge,
     Internal,
+    /// The job's deadline passed before it could be scored.
+    Expired,
 }
 
 impl ErrorCode {
@@ -30,6 +32,7 @@ impl ErrorCode {
             ErrorCode::UnknownModel => "unknown_model",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
+            ErrorCode::Expired => "expired",
         }
     }
 }

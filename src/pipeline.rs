@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, consumer::Consumer, AmqpError, Reply};
 use crate::batcher::{self, Segment};
 use crate::engine::{Column, InferenceError, ModelVersion, Repository};
+use crate::job::ErrorCode;
 use crate::result;
 use crate::settings::Settings;
 use crate::telemetry::{self, Health};
@@ -34,13 +35,37 @@ pub struct JobMeta {
     pub model: Arc<ModelVersion>,
     pub rows: usize,
     pub received_at: Instant,
+    /// Epoch milliseconds after which the job is answered `expired` instead of scored.
+    pub deadline_ms: Option<u64>,
     pub reply: Reply,
+    /// The message as it arrived, dead-lettered if the job cannot be scored.
+    pub original: Original,
 }
 
-/// The outcome of one run, on its way to the result stage.
+/// A delivery's body and properties, kept to dead-letter it unchanged.
+#[derive(Debug, Clone)]
+pub struct Original {
+    pub body: Vec<u8>,
+    pub properties: lapin::BasicProperties,
+}
+
+/// Why rows were not scored.
+#[derive(Debug, Clone)]
+pub struct JobFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl From<InferenceError> for JobFailure {
+    fn from(error: InferenceError) -> Self {
+        JobFailure { code: ErrorCode::Internal, message: format!("inference failed: {error}") }
+    }
+}
+
+/// The outcome of one run (or of jobs that expired before one), on its way to the result stage.
 pub struct ScoredBatch {
     pub segments: Vec<Segment>,
-    pub outcome: Result<Vec<Column>, InferenceError>,
+    pub outcome: Result<Vec<Column>, JobFailure>,
     pub started_at: Instant,
     pub inference_time: Duration,
 }
@@ -51,6 +76,15 @@ pub struct Outgoing {
     pub reply: Reply,
     pub job_id: Option<String>,
     pub body: Vec<u8>,
+    /// Set for jobs that cannot be scored: the original goes to the dead-letter exchange.
+    pub dead_letter: Option<DeadLetter>,
+}
+
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub original: Original,
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +130,7 @@ async fn serve(
 ) -> Result<(), WorkerError> {
     let connection = amqp::connect(&settings.amqp).await?;
     let consume_channel = amqp::consumer_channel(&connection, settings.amqp.prefetch).await?;
-    amqp::declare_queues(&consume_channel, &settings.amqp).await?;
+    amqp::declare_topology(&consume_channel, &settings.amqp).await?;
     let publish_channel = amqp::confirming_channel(&connection).await?;
     health.set_broker_connected(true);
     tracing::info!(url = %amqp::redact(&settings.amqp.url), "connected to RabbitMQ");
@@ -113,8 +147,7 @@ async fn serve(
     }
     drop(scored_tx);
     stages.spawn(result::run(scored_rx, publish_tx.clone()));
-    let mut publisher =
-        tokio::spawn(amqp::publisher::run(publish_channel, settings.amqp.results_queue.clone(), publish_rx));
+    let mut publisher = tokio::spawn(amqp::publisher::run(publish_channel, settings.amqp.clone(), publish_rx));
 
     let consumer = Consumer::new(settings, repository, routes, publish_tx);
     let consumed = tokio::select! {

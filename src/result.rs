@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::Column;
 use crate::job::{ErrorCode, JobError};
-use crate::pipeline::{JobMeta, Outgoing, ScoredBatch};
+use crate::pipeline::{DeadLetter, JobFailure, JobMeta, Outgoing, ScoredBatch};
 use crate::telemetry;
 
 /// A split job whose rows are still arriving.
@@ -20,7 +20,7 @@ struct Assembly {
     filled: usize,
     inference: Duration,
     last_batch_at: Instant,
-    failure: Option<String>,
+    failure: Option<JobFailure>,
 }
 
 /// Consumes scored batches until every batcher and run has finished.
@@ -55,7 +55,7 @@ pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<
                             }
                         }
                         Ok(_) => {}
-                        Err(error) => assembly.failure = Some(error.to_string()),
+                        Err(failure) => assembly.failure = Some(failure.clone()),
                     }
                     assembly.filled += segment.rows;
                     assembly.inference += batch.inference_time;
@@ -75,28 +75,38 @@ pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<
                 }
             };
             let Some(encoded) = ready else { continue };
-            let (body, status) = match encoded {
-                Ok(body) => (body, "ok"),
-                Err(failure) => {
-                    tracing::error!(job_id = %job.job_id, model = %job.model.name, error = %failure, "job not scored");
-                    let error = JobError {
-                        job_id: Some(job.job_id.clone()),
-                        model: Some(job.model.name.clone()),
-                        model_version: Some(job.model.version),
-                        code: ErrorCode::Internal,
-                        message: format!("inference failed: {failure}"),
-                    };
-                    telemetry::record_job_error(ErrorCode::Internal);
-                    (encode_error(&error), "error")
-                }
+            let (body, status, dead_letter) = match encoded {
+                Ok(body) => (body, "ok", None),
+                Err(failure) => failed(job, failure),
             };
             telemetry::record_job_done(&job.model.name, status, job.rows, job.received_at.elapsed());
-            let outgoing = Outgoing { reply: job.reply.clone(), job_id: Some(job.job_id.clone()), body };
+            let outgoing = Outgoing { reply: job.reply.clone(), job_id: Some(job.job_id.clone()), body, dead_letter };
             if publish.send(outgoing).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// The error result of a job that was not scored; jobs that failed (not expired) are dead-lettered.
+fn failed(job: &JobMeta, failure: JobFailure) -> (Vec<u8>, &'static str, Option<DeadLetter>) {
+    let expired = failure.code == ErrorCode::Expired;
+    if expired {
+        tracing::info!(job_id = %job.job_id, model = %job.model.name, error = %failure.message, "job expired");
+    } else {
+        tracing::error!(job_id = %job.job_id, model = %job.model.name, error = %failure.message, "job not scored");
+    }
+    telemetry::record_job_error(failure.code);
+    let error = JobError {
+        job_id: Some(job.job_id.clone()),
+        model: Some(job.model.name.clone()),
+        model_version: Some(job.model.version),
+        code: failure.code,
+        message: failure.message.clone(),
+    };
+    let dead_letter =
+        (!expired).then(|| DeadLetter { original: job.original.clone(), code: failure.code, message: failure.message });
+    (encode_error(&error), if expired { "expired" } else { "error" }, dead_letter)
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -146,7 +156,7 @@ impl Serialize for Outputs<'_> {
 }
 
 /// The ok result of `job`, whose rows start at `start` in `columns`.
-pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: Timing) -> Result<Vec<u8>, String> {
+pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: Timing) -> Result<Vec<u8>, JobFailure> {
     let body = OkBody {
         job_id: &job.job_id,
         status: "ok",
@@ -156,7 +166,8 @@ pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: T
         outputs: Outputs { columns, start, rows: job.rows },
         timing_ms: timing,
     };
-    serde_json::to_vec(&body).map_err(|e| format!("cannot encode the result: {e}"))
+    serde_json::to_vec(&body)
+        .map_err(|e| JobFailure { code: ErrorCode::Internal, message: format!("cannot encode the result: {e}") })
 }
 
 #[derive(Serialize)]

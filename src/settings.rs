@@ -56,8 +56,17 @@ pub struct AmqpSettings {
     pub results_queue: String,
     /// Unacknowledged jobs the broker may hand this worker at once.
     pub prefetch: u16,
-    /// Declare both queues (durable) at start-up; `false` only checks that they exist.
+    /// Declare the topology at start-up; `false` only checks that it exists.
     pub declare_queues: bool,
+    /// Deliveries of one job before the broker dead-letters it instead (quorum `x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Exchange that receives dead-lettered jobs (fanout, durable).
+    pub dead_letter_exchange: String,
+    /// Queue bound to the dead-letter exchange, where poison jobs wait for a person.
+    pub dead_letter_queue: String,
+    /// How long a published result may wait for the broker's confirm before the connection is
+    /// considered broken (its unacknowledged jobs are then redelivered).
+    pub confirm_timeout_ms: u64,
     /// Name shown for this connection in the RabbitMQ management UI.
     pub connection_name: String,
     /// Longest pause between reconnection attempts after the broker went away.
@@ -72,6 +81,10 @@ impl Default for AmqpSettings {
             results_queue: "scoring.results".into(),
             prefetch: 256,
             declare_queues: true,
+            delivery_limit: 5,
+            dead_letter_exchange: "scoring.dlx".into(),
+            dead_letter_queue: "scoring.dlq".into(),
+            confirm_timeout_ms: 30_000,
             connection_name: "batchscore".into(),
             reconnect_max_backoff_ms: 30_000,
         }
@@ -221,6 +234,18 @@ impl Settings {
         }
         if self.amqp.results_queue.is_empty() {
             return invalid("amqp.results_queue", "must not be empty");
+        }
+        if self.amqp.dead_letter_exchange.is_empty() {
+            return invalid("amqp.dead_letter_exchange", "must not be empty");
+        }
+        if self.amqp.dead_letter_queue.is_empty() {
+            return invalid("amqp.dead_letter_queue", "must not be empty");
+        }
+        if self.amqp.delivery_limit == 0 {
+            return invalid("amqp.delivery_limit", "must be at least 1");
+        }
+        if self.amqp.confirm_timeout_ms == 0 {
+            return invalid("amqp.confirm_timeout_ms", "must be at least 1");
         }
         if self.amqp.prefetch == 0 {
             return invalid("amqp.prefetch", "must be at least 1 (0 would mean unlimited)");

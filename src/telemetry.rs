@@ -26,6 +26,8 @@ pub const BATCHES: &str = "batchscore_batches_total";
 pub const INFERENCE_DURATION: &str = "batchscore_inference_duration_seconds";
 pub const BROKER_CONNECTED: &str = "batchscore_broker_connected";
 pub const BROKER_RECONNECTS: &str = "batchscore_broker_reconnects_total";
+pub const DEAD_LETTERED: &str = "batchscore_dead_lettered_total";
+pub const PUBLISH_DURATION: &str = "batchscore_publish_duration_seconds";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -72,6 +74,8 @@ fn describe() {
     describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Duration of one ONNX Runtime run.");
     describe_gauge!(BROKER_CONNECTED, "1 while connected to RabbitMQ.");
     describe_counter!(BROKER_RECONNECTS, "Reconnections to RabbitMQ after a lost connection.");
+    describe_counter!(DEAD_LETTERED, "Jobs copied to the dead-letter exchange, by error code.");
+    describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "Time from publishing a result to the broker's confirm.");
 }
 
 pub fn record_job_received(model: &str) {
@@ -97,6 +101,14 @@ pub fn record_batch(model: &str, version: u64, rows: usize, jobs: usize, closed_
     counter!(BATCHES, "model" => model.to_string(), "version" => version.clone(), "reason" => closed_by.as_str())
         .increment(1);
     histogram!(INFERENCE_DURATION, "model" => model.to_string(), "version" => version).record(duration.as_secs_f64());
+}
+
+pub fn record_dead_lettered(code: ErrorCode) {
+    counter!(DEAD_LETTERED, "code" => code.as_str()).increment(1);
+}
+
+pub fn record_publish(duration: Duration) {
+    histogram!(PUBLISH_DURATION).record(duration.as_secs_f64());
 }
 
 pub fn record_reconnect() {

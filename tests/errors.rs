@@ -122,7 +122,13 @@ async fn each_error_code_is_answered_and_the_worker_keeps_scoring() {
     client.send_raw(&job("good", json!([row])), json_properties()).await;
     let result = client.result().await;
     assert_eq!(result["status"], "ok", "{result}");
-    assert_eq!(worker.stop().await, 0, "every job, good or bad, was acknowledged");
+    let (left, dead_letters) = worker.stop_with_dead_letters().await;
+    assert_eq!(left, 0, "every job, good or bad, was acknowledged");
+    assert_eq!(dead_letters.len(), 15, "every bad job was dead-lettered");
+    for message in &dead_letters {
+        let headers = message.delivery.properties.headers().clone().unwrap_or_default();
+        assert!(headers.inner().contains_key("x-error-code") && headers.inner().contains_key("x-error-message"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +148,11 @@ async fn inference_failure_is_answered_as_internal() {
     let result = client.result().await;
     assert_eq!(result["status"], "ok", "{result}");
     assert_eq!(result["outputs"]["total"], json!([[1.0, 2.0, 3.0]]));
-    assert_eq!(worker.stop().await, 0);
+    let (left, dead_letters) = worker.stop_with_dead_letters().await;
+    assert_eq!(left, 0);
+    let dead: Value =
+        serde_json::from_slice(&dead_letters.first().expect("the failed job was dead-lettered").delivery.data).unwrap();
+    assert_eq!(dead["job_id"], "two", "the original job, unchanged");
 }
 
 /// A result the broker refuses (its reply queue rejects publishes) is never confirmed, so its job
@@ -162,5 +172,64 @@ async fn job_is_acknowledged_only_after_its_result_is_confirmed() {
     accepting.send_raw(&job("accepted"), json_properties()).await;
     let result = accepting.result().await;
     assert_eq!(result["job_id"], "accepted");
-    assert_eq!(worker.stop().await, 1, "the refused job is still in the queue; the accepted one is gone");
+    // Never acknowledged: the refused job is back in the queue, or, past the delivery limit,
+    // dead-lettered by the broker; the accepted one is gone.
+    let (left, dead_letters) = worker.stop_with_dead_letters().await;
+    assert_eq!(left as usize + dead_letters.len(), 1, "{left} left, {} dead-lettered", dead_letters.len());
+}
+
+/// A failing batch is re-run in parts: the job that breaks the model fails alone and the jobs
+/// that shared its batch are still scored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_does_not_fail_the_jobs_batched_with_it() {
+    let settings = common::settings("isolate", &common::root().join("tests/fixtures/faulty"));
+    // Jobs queued before the worker starts arrive together and share batches.
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    batchscore::amqp::declare_topology(&channel, &settings.amqp).await.expect("topology");
+    let mut client = Client::new(&settings).await;
+    for i in 0..20 {
+        let rows = if i == 7 { json!([[1, 2, 3], [4, 5, 6]]) } else { json!([[i, 1, 2]]) };
+        client.send(&json!({"job_id": format!("j{i}"), "model": "reducer", "rows": rows})).await;
+    }
+    let worker = TestWorker::start(settings).await;
+    for (result, _) in client.results(20).await {
+        if result["job_id"] == "j7" {
+            assert_eq!(result["error"]["code"], "internal", "{result}");
+        } else {
+            assert_eq!(result["status"], "ok", "{result}");
+        }
+    }
+    let (left, dead_letters) = worker.stop_with_dead_letters().await;
+    assert_eq!((left, dead_letters.len()), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_past_their_deadline_are_answered_expired() {
+    let worker = TestWorker::start(common::settings("deadline", &fixtures_repository())).await;
+    let mut client = Client::new(&worker.settings).await;
+    let row = expected("linear_v1")["rows"][0].clone();
+    let body = |id: &str| serde_json::to_vec(&json!({"job_id": id, "model": "linear", "rows": [row]})).unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let with_deadline = |deadline: i64| {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert("x-deadline".into(), lapin::types::AMQPValue::LongLongInt(deadline));
+        json_properties().with_headers(headers)
+    };
+    client.send_raw(&body("late"), with_deadline(now_ms - 1_000)).await;
+    let result = client.result().await;
+    assert_eq!(
+        (result["job_id"].as_str(), result["error"]["code"].as_str()),
+        (Some("late"), Some("expired")),
+        "{result}"
+    );
+    client.send_raw(&body("in-time"), with_deadline(now_ms + 60_000)).await;
+    assert_eq!(client.result().await["status"], "ok");
+    // An hour-old message whose one-second TTL lapsed long ago.
+    let old = json_properties().with_timestamp((now_ms / 1000 - 3600) as u64).with_expiration("1000".into());
+    client.send_raw(&body("stale"), old).await;
+    let result = client.result().await;
+    assert_eq!(result["error"]["code"], "expired", "{result}");
+    let (left, dead_letters) = worker.stop_with_dead_letters().await;
+    assert_eq!((left, dead_letters.len()), (0, 0), "expired jobs are acknowledged, not dead-lettered");
 }

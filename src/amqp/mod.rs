@@ -3,9 +3,9 @@
 pub mod consumer;
 pub mod publisher;
 
-use lapin::options::{BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::options::{BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::settings::AmqpSettings;
 
@@ -13,8 +13,10 @@ use crate::settings::AmqpSettings;
 pub enum AmqpError {
     #[error("cannot connect to RabbitMQ at {url}: {source}")]
     Connect { url: String, source: lapin::Error },
-    #[error("queue {queue}: {source}")]
+    #[error("{queue}: {source} (if it exists with other arguments, e.g. as a classic queue, delete it or set amqp.declare_queues: false)")]
     Queue { queue: String, source: lapin::Error },
+    #[error("the broker did not confirm a result within {0} ms (amqp.confirm_timeout_ms)")]
+    ConfirmTimeout(u64),
     #[error("broker channel failed: {0}")]
     Channel(#[from] lapin::Error),
     #[error("the broker ended the consumer on {0}")]
@@ -37,15 +39,58 @@ pub async fn connect(settings: &AmqpSettings) -> Result<Connection, AmqpError> {
         .map_err(|source| AmqpError::Connect { url: redact(&settings.url), source })
 }
 
-/// Declares (or, with `declare_queues: false`, checks) the jobs and results queues.
-pub async fn declare_queues(channel: &Channel, settings: &AmqpSettings) -> Result<(), AmqpError> {
-    let options = QueueDeclareOptions { durable: true, passive: !settings.declare_queues, ..Default::default() };
-    for queue in [&settings.jobs_queue, &settings.results_queue] {
+/// Declares (or, with `declare_queues: false`, checks) the topology: the jobs queue (quorum, with a
+/// delivery limit and at-least-once dead-lettering), the dead-letter exchange and queue, and the
+/// results queue. Works on RabbitMQ 3.10 and later.
+pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Result<(), AmqpError> {
+    let passive = !settings.declare_queues;
+    let durable = QueueDeclareOptions { durable: true, passive, ..Default::default() };
+    let quorum = |extra: &[(&str, AMQPValue)]| {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        for (key, value) in extra {
+            arguments.insert((*key).into(), value.clone());
+        }
+        arguments
+    };
+    let queue_error = |queue: &str| {
+        let queue = queue.to_string();
+        move |source| AmqpError::Queue { queue, source }
+    };
+    channel
+        .exchange_declare(
+            settings.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, passive, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(queue_error(&settings.dead_letter_exchange))?;
+    let dlq = settings.dead_letter_queue.as_str();
+    channel.queue_declare(dlq.into(), durable, quorum(&[])).await.map_err(queue_error(dlq))?;
+    if !passive {
         channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .queue_bind(
+                dlq.into(),
+                settings.dead_letter_exchange.as_str().into(),
+                "".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
             .await
-            .map_err(|source| AmqpError::Queue { queue: queue.clone(), source })?;
+            .map_err(queue_error(dlq))?;
     }
+    let jobs = quorum(&[
+        ("x-delivery-limit", AMQPValue::LongUInt(settings.delivery_limit)),
+        ("x-dead-letter-exchange", AMQPValue::LongString(settings.dead_letter_exchange.as_str().into())),
+        // At-least-once dead-lettering needs publishers to be refused, not messages dropped, when full.
+        ("x-dead-letter-strategy", AMQPValue::LongString("at-least-once".into())),
+        ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+    ]);
+    let jobs_queue = settings.jobs_queue.as_str();
+    channel.queue_declare(jobs_queue.into(), durable, jobs).await.map_err(queue_error(jobs_queue))?;
+    let results = settings.results_queue.as_str();
+    channel.queue_declare(results.into(), durable, quorum(&[])).await.map_err(queue_error(results))?;
     Ok(())
 }
 

@@ -1,39 +1,56 @@
-//! The result publisher: publishes each result with publisher confirms and acknowledges the
-//! job only once the broker has confirmed its result. Confirms are awaited concurrently so
-//! one slow confirm does not hold back the others.
+//! The result publisher: publishes each result (and, for a job that cannot be scored, a copy
+//! of the job to the dead-letter exchange) with publisher confirms, and acknowledges the job
+//! only once the broker has confirmed everything published for it. Confirms are awaited
+//! concurrently so one slow confirm does not hold back the others.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::ShortString;
-use lapin::Confirmation;
-use lapin::{BasicProperties, Channel};
+use lapin::types::{AMQPValue, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::mpsc;
 
 use super::AmqpError;
-use crate::pipeline::Outgoing;
+use crate::pipeline::{DeadLetter, Outgoing};
+use crate::settings::AmqpSettings;
+use crate::telemetry;
 
 /// Times a result is published again after the broker refused it before the job is requeued.
 const MAX_PUBLISH_ATTEMPTS: u32 = 3;
+/// Headers on a dead-lettered job saying why it was not scored.
+pub const ERROR_CODE_HEADER: &str = "x-error-code";
+pub const ERROR_MESSAGE_HEADER: &str = "x-error-message";
+pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+
+/// What the broker said about everything published for one job.
+struct Settled {
+    result: Confirmation,
+    dead_letter: Option<Confirmation>,
+    outgoing: Outgoing,
+    attempt: u32,
+}
 
 /// Publishes until `results` closes and every confirm is settled.
 pub async fn run(
     channel: Channel,
-    fallback_queue: String,
+    settings: AmqpSettings,
     mut results: mpsc::Receiver<Outgoing>,
 ) -> Result<(), AmqpError> {
-    let fallback = ShortString::from(fallback_queue);
+    let fallback = ShortString::from(settings.results_queue.as_str());
     let mut confirms = FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
             outgoing = results.recv(), if open => match outgoing {
-                Some(outgoing) => confirms.push(publish(&channel, outgoing, 1).await?),
+                Some(outgoing) => confirms.push(publish(&channel, &settings, outgoing, 1).await?),
                 None => open = false,
             },
-            Some((confirmation, outgoing, attempt)) = confirms.next() => {
-                if let Some(retry) = settle(confirmation?, outgoing, attempt, &fallback).await? {
-                    confirms.push(publish(&channel, retry, attempt + 1).await?);
+            Some(settled) = confirms.next() => {
+                if let Some((retry, attempt)) = settle(settled?, &fallback).await? {
+                    confirms.push(publish(&channel, &settings, retry, attempt).await?);
                 }
             }
             else => return Ok(()),
@@ -43,9 +60,14 @@ pub async fn run(
 
 async fn publish(
     channel: &Channel,
+    settings: &AmqpSettings,
     outgoing: Outgoing,
     attempt: u32,
-) -> Result<impl std::future::Future<Output = (lapin::Result<Confirmation>, Outgoing, u32)>, AmqpError> {
+) -> Result<impl Future<Output = Result<Settled, AmqpError>>, AmqpError> {
+    let dead_letter = match &outgoing.dead_letter {
+        Some(dead_letter) if attempt == 1 => Some(publish_dead_letter(channel, settings, dead_letter).await?),
+        _ => None,
+    };
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
@@ -59,21 +81,64 @@ async fn publish(
     }
     // Mandatory: a result for a reply queue that no longer exists comes back instead of vanishing.
     let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-    let confirm = channel
+    let started = Instant::now();
+    let result = channel
         .basic_publish("".into(), outgoing.reply.routing_key.clone(), options, &outgoing.body, properties)
         .await?;
-    Ok(async move { (confirm.await, outgoing, attempt) })
+    let timeout = Duration::from_millis(settings.confirm_timeout_ms);
+    Ok(async move {
+        let result = confirmed(result, timeout).await?;
+        let dead_letter = match dead_letter {
+            Some(confirm) => Some(confirmed(confirm, timeout).await?),
+            None => None,
+        };
+        telemetry::record_publish(started.elapsed());
+        Ok(Settled { result, dead_letter, outgoing, attempt })
+    })
 }
 
-/// Acks or requeues the job behind a settled confirm; returns a result to publish again.
-async fn settle(
-    confirmation: Confirmation,
-    mut outgoing: Outgoing,
-    attempt: u32,
-    fallback: &ShortString,
-) -> Result<Option<Outgoing>, AmqpError> {
+/// The job as it arrived, to the dead-letter exchange, with why it was not scored.
+async fn publish_dead_letter(
+    channel: &Channel,
+    settings: &AmqpSettings,
+    dead_letter: &DeadLetter,
+) -> Result<PublisherConfirm, AmqpError> {
+    let mut headers = dead_letter.original.properties.headers().clone().unwrap_or_default();
+    headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(dead_letter.code.as_str().into()));
+    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(dead_letter.message.as_str().into()));
+    headers.insert(ORIGINAL_QUEUE_HEADER.into(), AMQPValue::LongString(settings.jobs_queue.as_str().into()));
+    let properties = dead_letter.original.properties.clone().with_headers(headers).with_delivery_mode(2);
+    Ok(channel
+        .basic_publish(
+            settings.dead_letter_exchange.as_str().into(),
+            settings.jobs_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &dead_letter.original.body,
+            properties,
+        )
+        .await?)
+}
+
+async fn confirmed(confirm: PublisherConfirm, timeout: Duration) -> Result<Confirmation, AmqpError> {
+    match tokio::time::timeout(timeout, confirm).await {
+        Ok(confirmation) => Ok(confirmation?),
+        Err(_) => Err(AmqpError::ConfirmTimeout(timeout.as_millis() as u64)),
+    }
+}
+
+/// Acks or requeues the job behind a settled publish; returns a result to publish again.
+async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outgoing, u32)>, AmqpError> {
+    let Settled { result, dead_letter, mut outgoing, attempt } = settled;
     let job_id = outgoing.job_id.clone().unwrap_or_default();
-    match confirmation {
+    if let Some(Confirmation::Nack(_)) = dead_letter {
+        tracing::error!(job_id, "the broker refused the dead-letter copy; the job returns to the queue");
+        outgoing.reply.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        return Ok(None);
+    }
+    if let (Some(dead_letter), Some(_)) = (&outgoing.dead_letter, &dead_letter) {
+        telemetry::record_dead_lettered(dead_letter.code);
+    }
+    match result {
         Confirmation::Ack(None) | Confirmation::NotRequested => {
             outgoing.reply.acker.ack(BasicAckOptions::default()).await?;
             Ok(None)
@@ -86,7 +151,7 @@ async fn settle(
                 "reply queue does not exist; sending the result to the results queue"
             );
             outgoing.reply.routing_key = fallback.clone();
-            Ok(Some(outgoing))
+            Ok(Some((outgoing, attempt + 1)))
         }
         Confirmation::Ack(Some(_)) => {
             tracing::error!(
@@ -99,7 +164,7 @@ async fn settle(
         }
         Confirmation::Nack(_) if attempt < MAX_PUBLISH_ATTEMPTS => {
             tracing::warn!(job_id, attempt, "broker refused the result; publishing it again");
-            Ok(Some(outgoing))
+            Ok(Some((outgoing, attempt + 1)))
         }
         Confirmation::Nack(_) => {
             tracing::error!(job_id, attempt, "broker refused the result repeatedly; the job returns to the queue");

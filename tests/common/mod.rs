@@ -10,7 +10,9 @@ use std::time::Duration;
 use batchscore::settings::Settings;
 use batchscore::worker::Worker;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
@@ -41,6 +43,8 @@ pub fn settings(test: &str, repository: &Path) -> Settings {
     let unique = uuid::Uuid::new_v4().simple().to_string();
     settings.amqp.jobs_queue = format!("test.{test}.{}.jobs", &unique[..8]);
     settings.amqp.results_queue = format!("test.{test}.{}.results", &unique[..8]);
+    settings.amqp.dead_letter_exchange = format!("test.{test}.{}.dlx", &unique[..8]);
+    settings.amqp.dead_letter_queue = format!("test.{test}.{}.dlq", &unique[..8]);
     settings.amqp.connection_name = format!("batchscore-test-{test}");
     settings.models.repository = repository.to_path_buf();
     settings.metrics.listen = "127.0.0.1:0".into();
@@ -87,6 +91,12 @@ impl TestWorker {
 
     /// Stops the worker (draining in-flight jobs) and returns how many jobs are left in its queue.
     pub async fn stop(self) -> u32 {
+        self.stop_with_dead_letters().await.0
+    }
+
+    /// Stops the worker, then returns the jobs left in its queue and the dead-lettered messages,
+    /// and deletes the test's queues and exchange.
+    pub async fn stop_with_dead_letters(self) -> (u32, Vec<lapin::message::BasicGetMessage>) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
@@ -94,16 +104,26 @@ impl TestWorker {
             .expect("worker task");
         let connection = connect().await;
         let channel = connection.create_channel().await.expect("channel");
+        let amqp = &self.settings.amqp;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         let left = channel
-            .queue_declare(self.settings.amqp.jobs_queue.as_str().into(), passive, FieldTable::default())
+            .queue_declare(amqp.jobs_queue.as_str().into(), passive, FieldTable::default())
             .await
             .expect("jobs queue exists")
             .message_count();
-        for queue in [&self.settings.amqp.jobs_queue, &self.settings.amqp.results_queue] {
+        let mut dead_letters = Vec::new();
+        while let Some(message) = channel
+            .basic_get(amqp.dead_letter_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("dead-letter queue exists")
+        {
+            dead_letters.push(message);
+        }
+        for queue in [&amqp.jobs_queue, &amqp.results_queue, &amqp.dead_letter_queue] {
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        left
+        let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
+        (left, dead_letters)
     }
 }
 
