@@ -178,9 +178,12 @@ async fn serve(
         ),
     }
     tracing::debug!("publisher stopped; closing the connection");
-    // Closing returns any prefetched but unprocessed deliveries to the queue. The broker's reply
-    // is not worth waiting long for: dropping the connection has the same effect.
-    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "worker stopping".into())).await;
+    // The broker answers channel.close only after it has processed every earlier frame on the
+    // channel, acknowledgements included: waiting for it makes the acks of drained jobs stick.
+    // Closing also returns deliveries not yet processed (after a drain timeout) to the queue.
+    let grace = Duration::from_secs(5);
+    let _ = tokio::time::timeout(grace, consume_channel.close(200, "worker stopping".into())).await;
+    let _ = tokio::time::timeout(grace, connection.close(200, "worker stopping".into())).await;
     Ok(())
 }
 

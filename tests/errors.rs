@@ -233,3 +233,54 @@ async fn jobs_past_their_deadline_are_answered_expired() {
     let (left, dead_letters) = worker.stop_with_dead_letters().await;
     assert_eq!((left, dead_letters.len()), (0, 0), "expired jobs are acknowledged, not dead-lettered");
 }
+
+/// A stream of garbage interleaved with good jobs: every good job is scored, every bad one is
+/// answered with its error and dead-lettered, and the worker stays up throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_stream_interleaved_with_good_jobs() {
+    let worker = TestWorker::start(common::settings("garbage", &fixtures_repository())).await;
+    let mut client = Client::new(&worker.settings).await;
+    let row = expected("linear_v1")["rows"][0].clone();
+    let mut huge_row: Vec<String> = row.as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    huge_row[3] = "1e400".into();
+    let ten_mb =
+        format!(r#"{{"job_id": "pad", "model": "linear", "rows": [[1]], "padding": "{}"}}"#, "x".repeat(10 << 20));
+    // (body, job id: from the body where it can be read, else from message_id, expected code)
+    let garbage: Vec<(Vec<u8>, &str, &str)> = vec![
+        (br#"{"job_id": "cut", "model": "#.to_vec(), "cut", "invalid_json"),
+        (br#"{"job_id": "types", "model": "linear", "rows": "many"}"#.to_vec(), "types", "invalid_input"),
+        (br#"{"job_id": "nan", "model": "linear", "rows": [[NaN]]}"#.to_vec(), "nan", "invalid_json"),
+        (
+            format!(r#"{{"job_id": "huge", "model": "linear", "rows": [[{}]]}}"#, huge_row.join(",")).into_bytes(),
+            "huge",
+            "invalid_input",
+        ),
+        (ten_mb.into_bytes(), "pad", "invalid_input"),
+        (br#"{"job_id": "fields"}"#.to_vec(), "fields", "invalid_input"),
+        (br#"{"job_id": "who", "model": "no_such_model", "rows": [[1]]}"#.to_vec(), "who", "unknown_model"),
+        (br#"{"job_id": "empty", "model": "linear", "rows": []}"#.to_vec(), "empty", "invalid_input"),
+        (b"[1, 2, 3]".to_vec(), "array", "invalid_json"),
+        (b"\xc3\x28\xff{}".to_vec(), "bytes", "invalid_json"),
+    ];
+    let good = |i: usize| {
+        serde_json::to_vec(&json!({"job_id": format!("good-{i}"), "model": "linear", "rows": [row]})).unwrap()
+    };
+    for (i, (bad, id, _)) in garbage.iter().enumerate() {
+        client.send_raw(&good(i), json_properties()).await;
+        client.send_raw(bad, json_properties().with_message_id((*id).into())).await;
+    }
+    client.send_raw(&good(garbage.len()), json_properties()).await;
+    let results = client.results(2 * garbage.len() + 1).await;
+    for (result, _) in &results {
+        let id = result["job_id"].as_str().unwrap_or_default();
+        if id.starts_with("good-") {
+            assert_eq!(result["status"], "ok", "{result}");
+        } else {
+            let (_, _, code) =
+                garbage.iter().find(|(_, bad_id, _)| *bad_id == id).unwrap_or_else(|| panic!("unexpected {result}"));
+            assert_eq!(result["error"]["code"], *code, "{id}: {result}");
+        }
+    }
+    let (left, dead_letters) = worker.stop_with_dead_letters().await;
+    assert_eq!((left as usize, dead_letters.len()), (0, garbage.len()), "every bad job dead-lettered, none left");
+}

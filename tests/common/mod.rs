@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod load;
+
 pub const TOLERANCE: f64 = 1e-6;
 
 pub fn root() -> PathBuf {
@@ -56,6 +58,7 @@ pub fn settings(test: &str, repository: &Path) -> Settings {
 
 pub struct TestWorker {
     pub settings: Settings,
+    pub metrics: SocketAddr,
     shutdown: CancellationToken,
     handle: JoinHandle<()>,
 }
@@ -68,7 +71,7 @@ impl TestWorker {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
         Self::wait_until_ready(metrics).await;
-        TestWorker { settings, shutdown, handle }
+        TestWorker { settings, metrics, shutdown, handle }
     }
 
     /// Ready means connected with queues declared; jobs sent before could be unroutable.
@@ -119,12 +122,29 @@ impl TestWorker {
         {
             dead_letters.push(message);
         }
-        for queue in [&amqp.jobs_queue, &amqp.results_queue, &amqp.dead_letter_queue] {
-            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
+        delete_topology(&self.settings).await;
         (left, dead_letters)
     }
+}
+
+/// `GET /readyz` answers 200.
+pub async fn is_ready(metrics: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(metrics).await else { return false };
+    let mut response = String::new();
+    stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_ok()
+        && stream.read_to_string(&mut response).await.is_ok()
+        && response.split_whitespace().nth(1) == Some("200")
+}
+
+/// Removes a test's queues and dead-letter exchange.
+pub async fn delete_topology(settings: &Settings) {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let amqp = &settings.amqp;
+    for queue in [&amqp.jobs_queue, &amqp.results_queue, &amqp.dead_letter_queue] {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
 }
 
 pub async fn connect() -> Connection {

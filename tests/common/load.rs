@@ -1,0 +1,142 @@
+//! Load for fault tests: many single-row jobs published with confirms to a durable reply queue,
+//! and a collector that keeps every result (duplicates included) across broker restarts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+use super::{connect, expected};
+
+/// A durable quorum reply queue that outlives broker restarts and client connections.
+pub async fn declare_reply_queue(name: &str) {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(name.into(), options, arguments).await.expect("reply queue");
+}
+
+pub async fn delete_queue(name: &str) {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let _ = channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
+}
+
+/// Publishes jobs `0..n` (persistent, confirmed) to `jobs_queue`, replying to `reply_queue`.
+/// Job `i` scores fixture row `i % 64` of `linear` v1, so every result can be checked.
+pub async fn publish_jobs(jobs_queue: &str, reply_queue: &str, n: usize) {
+    let rows = expected("linear_v1")["rows"].clone();
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(Default::default()).await.expect("confirms");
+    let mut confirms = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = serde_json::to_vec(
+            &json!({"job_id": format!("job-{i}"), "model": "linear", "model_version": "1", "rows": [rows[i % 64]]}),
+        )
+        .expect("job serialises");
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_reply_to(reply_queue.into());
+        let confirm = channel
+            .basic_publish("".into(), jobs_queue.into(), BasicPublishOptions::default(), &body, properties)
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        assert!(confirm.await.expect("confirm").is_ack(), "broker refused a job");
+    }
+}
+
+/// Messages waiting in `queue` (0 when it cannot be asked, e.g. while the broker restarts).
+pub async fn depth(queue: &str) -> u32 {
+    let Ok(connection) = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default()).await
+    else {
+        return 0;
+    };
+    let Ok(channel) = connection.create_channel().await else { return 0 };
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    channel.queue_declare(queue.into(), passive, FieldTable::default()).await.map(|q| q.message_count()).unwrap_or(0)
+}
+
+/// Waits until `queue` holds at least `n` messages.
+pub async fn wait_for_depth(queue: &str, n: u32, timeout: Duration) {
+    let started = Instant::now();
+    while depth(queue).await < n {
+        assert!(started.elapsed() < timeout, "{queue} did not reach {n} messages in {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every result received per job id, until each of `0..n` has one; reconnects when the broker
+/// goes away. Results are acknowledged only after they are recorded.
+pub async fn collect(reply_queue: &str, n: usize, timeout: Duration) -> HashMap<String, Vec<Value>> {
+    let started = Instant::now();
+    let mut results: HashMap<String, Vec<Value>> = HashMap::new();
+    while results.len() < n {
+        if started.elapsed() > timeout {
+            let missing: Vec<String> =
+                (0..n).map(|i| format!("job-{i}")).filter(|id| !results.contains_key(id)).take(10).collect();
+            panic!("only {} of {n} jobs answered within {timeout:?}; missing include {missing:?}", results.len());
+        }
+        let Ok(connection) =
+            lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default()).await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(channel) = connection.create_channel().await else { continue };
+        let _ = channel.basic_qos(1000, Default::default()).await;
+        let Ok(mut consumer) = channel
+            .basic_consume(reply_queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while results.len() < n && started.elapsed() < timeout {
+            let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await else {
+                break;
+            };
+            let body: Value = serde_json::from_slice(&delivery.data).expect("result is JSON");
+            let id = body["job_id"].as_str().expect("job id").to_string();
+            results.entry(id).or_default().push(body);
+            let _ = delivery.ack(Default::default()).await;
+        }
+    }
+    results
+}
+
+/// Checks every job `0..n` was answered correctly and duplicates agree: same labels and model
+/// version, scores within float32 rounding (a row's last bits can depend on the rows it was
+/// batched with). Returns (results received, duplicates, duplicates that are bit-identical).
+pub fn verify(results: &HashMap<String, Vec<Value>>, n: usize) -> (usize, usize, usize) {
+    let fixture = expected("linear_v1");
+    let (mut received, mut identical) = (0, 0);
+    for i in 0..n {
+        let id = format!("job-{i}");
+        let answers = results.get(&id).unwrap_or_else(|| panic!("{id} has no result"));
+        received += answers.len();
+        let first = &answers[0];
+        assert_eq!(first["status"], "ok", "{first}");
+        super::assert_close(&first["outputs"], &super::expected_slice(&fixture["outputs"], i % 64..i % 64 + 1), &id);
+        for duplicate in &answers[1..] {
+            assert_eq!(
+                duplicate["outputs"]["label"], first["outputs"]["label"],
+                "{id}: duplicates carry the same labels"
+            );
+            super::assert_close(&duplicate["outputs"], &first["outputs"], &format!("{id} duplicate"));
+            assert_eq!(duplicate["model_version"], first["model_version"], "{id}");
+            identical += usize::from(duplicate["outputs"] == first["outputs"]);
+        }
+    }
+    (received, received - n, identical)
+}
