@@ -20,7 +20,13 @@ pub fn spawn(model: Arc<ModelVersion>, mut session: PooledSession, batch: Batch,
         let started_at = Instant::now();
         let (name, version, rows, jobs, closed_by) =
             (model.name.clone(), model.version, batch.rows, batch.segments.len(), batch.closed_by);
+        let (busy, idle) = model.session_usage();
+        telemetry::record_sessions(&name, version, busy, idle);
+        let usage = Arc::clone(&model);
         let run = tokio::task::spawn_blocking(move || run_isolating(&model, &mut session, batch)).await;
+        // The session went back to the pool when the blocking task dropped it.
+        let (busy, idle) = usage.session_usage();
+        telemetry::record_sessions(&name, version, busy, idle);
         let inference_time = started_at.elapsed();
         let parts = match run {
             Ok(parts) => parts,

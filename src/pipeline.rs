@@ -35,6 +35,8 @@ pub struct JobMeta {
     pub model: Arc<ModelVersion>,
     pub rows: usize,
     pub received_at: Instant,
+    /// How long the job waited in the broker (from its AMQP timestamp), for end-to-end latency.
+    pub queued_for: Duration,
     /// Epoch milliseconds after which the job is answered `expired` instead of scored.
     pub deadline_ms: Option<u64>,
     pub reply: Reply,
@@ -75,6 +77,8 @@ pub struct ScoredBatch {
 pub struct Outgoing {
     pub reply: Reply,
     pub job_id: Option<String>,
+    /// Rows of the job, for the in-flight gauges.
+    pub rows: usize,
     pub body: Vec<u8>,
     /// Set for jobs that cannot be scored: the original goes to the dead-letter exchange.
     pub dead_letter: Option<DeadLetter>,
@@ -133,6 +137,7 @@ async fn serve(
     amqp::declare_topology(&consume_channel, &settings.amqp).await?;
     let publish_channel = amqp::confirming_channel(&connection).await?;
     health.set_broker_connected(true);
+    telemetry::reset_inflight();
     tracing::info!(url = %amqp::redact(&settings.amqp.url), "connected to RabbitMQ");
 
     let capacity = usize::from(settings.amqp.prefetch);

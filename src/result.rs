@@ -79,8 +79,14 @@ pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<
                 Ok(body) => (body, "ok", None),
                 Err(failure) => failed(job, failure),
             };
-            telemetry::record_job_done(&job.model.name, status, job.rows, job.received_at.elapsed());
-            let outgoing = Outgoing { reply: job.reply.clone(), job_id: Some(job.job_id.clone()), body, dead_letter };
+            telemetry::record_job_done(&job.model.name, status, job.rows, job.queued_for + job.received_at.elapsed());
+            let outgoing = Outgoing {
+                reply: job.reply.clone(),
+                job_id: Some(job.job_id.clone()),
+                rows: job.rows,
+                body,
+                dead_letter,
+            };
             if publish.send(outgoing).await.is_err() {
                 return;
             }
@@ -119,11 +125,9 @@ pub struct Timing {
 impl Timing {
     fn of(job: &JobMeta, last_batch_at: Instant, inference: Duration) -> Self {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        Timing {
-            batching: ms(last_batch_at.saturating_duration_since(job.received_at)),
-            inference: ms(inference),
-            total: ms(job.received_at.elapsed()),
-        }
+        let batching = last_batch_at.saturating_duration_since(job.received_at);
+        telemetry::record_batch_wait(&job.model.name, batching);
+        Timing { batching: ms(batching), inference: ms(inference), total: ms(job.received_at.elapsed()) }
     }
 }
 

@@ -108,7 +108,10 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
             .with_delivery_mode(2)
             .with_message_id(job_id.as_str().into())
             .with_correlation_id(job_id.as_str().into())
-            .with_reply_to(reply_queue.name().clone());
+            .with_reply_to(reply_queue.name().clone())
+            .with_timestamp(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            );
         let confirm = channel
             .basic_publish(
                 "".into(),

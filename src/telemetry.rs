@@ -19,15 +19,29 @@ pub const JOBS_RECEIVED: &str = "batchscore_jobs_received_total";
 pub const JOBS_COMPLETED: &str = "batchscore_jobs_completed_total";
 pub const JOB_ERRORS: &str = "batchscore_job_errors_total";
 pub const ROWS_SCORED: &str = "batchscore_rows_scored_total";
-pub const JOB_DURATION: &str = "batchscore_job_duration_seconds";
-pub const BATCH_ROWS: &str = "batchscore_batch_rows";
-pub const BATCH_JOBS: &str = "batchscore_batch_jobs";
 pub const BATCHES: &str = "batchscore_batches_total";
-pub const INFERENCE_DURATION: &str = "batchscore_inference_duration_seconds";
-pub const BROKER_CONNECTED: &str = "batchscore_broker_connected";
 pub const BROKER_RECONNECTS: &str = "batchscore_broker_reconnects_total";
 pub const DEAD_LETTERED: &str = "batchscore_dead_lettered_total";
+pub const MODEL_LOAD_FAILURES: &str = "batchscore_model_load_failures_total";
+pub const JOB_DURATION: &str = "batchscore_job_duration_seconds";
+pub const QUEUE_WAIT: &str = "batchscore_queue_wait_seconds";
+pub const BATCH_WAIT: &str = "batchscore_batch_wait_seconds";
+pub const INFERENCE_DURATION: &str = "batchscore_inference_duration_seconds";
 pub const PUBLISH_DURATION: &str = "batchscore_publish_duration_seconds";
+pub const BATCH_ROWS: &str = "batchscore_batch_rows";
+pub const BATCH_JOBS: &str = "batchscore_batch_jobs";
+pub const INFLIGHT_JOBS: &str = "batchscore_inflight_jobs";
+pub const INFLIGHT_ROWS: &str = "batchscore_inflight_rows";
+pub const SESSIONS_BUSY: &str = "batchscore_sessions_busy";
+pub const SESSIONS_IDLE: &str = "batchscore_sessions_idle";
+pub const MODEL_INFO: &str = "batchscore_model_info";
+pub const BROKER_CONNECTED: &str = "batchscore_broker_connected";
+pub const READY: &str = "batchscore_ready";
+
+/// The lane a job came in on; one lane (the jobs queue) today.
+pub const ONLINE_LANE: &str = "online";
+/// `model` label of jobs whose model is not in the repository: keeps the label set bounded.
+pub const UNKNOWN_MODEL_LABEL: &str = "unknown";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -63,35 +77,56 @@ pub fn recorder() -> &'static PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(JOBS_RECEIVED, "Jobs accepted for scoring, by model.");
-    describe_counter!(JOBS_COMPLETED, "Jobs answered, by model and status (ok or error).");
+    describe_counter!(JOBS_RECEIVED, "Jobs accepted for scoring, by model and lane.");
+    describe_counter!(JOBS_COMPLETED, "Jobs answered, by model, lane and status (ok, error, expired).");
     describe_counter!(JOB_ERRORS, "Jobs answered with an error, by error code.");
     describe_counter!(ROWS_SCORED, Unit::Count, "Rows scored, by model.");
-    describe_histogram!(JOB_DURATION, Unit::Seconds, "Time from receipt of a job to its encoded result.");
-    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per ONNX Runtime run.");
-    describe_histogram!(BATCH_JOBS, Unit::Count, "Jobs (or parts of jobs) per ONNX Runtime run.");
-    describe_counter!(BATCHES, "ONNX Runtime runs, by model and the reason the batch closed.");
-    describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Duration of one ONNX Runtime run.");
-    describe_gauge!(BROKER_CONNECTED, "1 while connected to RabbitMQ.");
+    describe_counter!(BATCHES, "ONNX Runtime runs, by model, version and the reason the batch closed.");
     describe_counter!(BROKER_RECONNECTS, "Reconnections to RabbitMQ after a lost connection.");
     describe_counter!(DEAD_LETTERED, "Jobs copied to the dead-letter exchange, by error code.");
+    describe_counter!(MODEL_LOAD_FAILURES, "Model versions that could not be loaded, by model.");
+    describe_histogram!(
+        JOB_DURATION,
+        Unit::Seconds,
+        "End-to-end job latency: from the AMQP timestamp (else receipt) to the encoded result."
+    );
+    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time jobs waited in RabbitMQ: from the AMQP timestamp to receipt.");
+    describe_histogram!(BATCH_WAIT, Unit::Seconds, "Time from a job's receipt until its last batch started running.");
+    describe_histogram!(INFERENCE_DURATION, Unit::Seconds, "Duration of one ONNX Runtime run.");
     describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "Time from publishing a result to the broker's confirm.");
+    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per ONNX Runtime run.");
+    describe_histogram!(BATCH_JOBS, Unit::Count, "Jobs (or parts of jobs) per ONNX Runtime run.");
+    describe_gauge!(INFLIGHT_JOBS, "Jobs received and not yet acknowledged.");
+    describe_gauge!(INFLIGHT_ROWS, "Rows of jobs received and not yet acknowledged.");
+    describe_gauge!(SESSIONS_BUSY, "ONNX Runtime sessions running a batch, by model and version.");
+    describe_gauge!(SESSIONS_IDLE, "ONNX Runtime sessions waiting for a batch, by model and version.");
+    describe_gauge!(MODEL_INFO, "1 for every model version loaded, with the sha256 of its file.");
+    describe_gauge!(BROKER_CONNECTED, "1 while connected to RabbitMQ.");
+    describe_gauge!(READY, "1 while the worker is ready to take jobs (what /readyz reports).");
 }
 
-pub fn record_job_received(model: &str) {
-    counter!(JOBS_RECEIVED, "model" => model.to_string()).increment(1);
+pub fn record_job_received(model: &str, queue_wait: Option<Duration>) {
+    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => ONLINE_LANE).increment(1);
+    if let Some(wait) = queue_wait {
+        histogram!(QUEUE_WAIT, "lane" => ONLINE_LANE).record(wait.as_secs_f64());
+    }
 }
 
 pub fn record_job_error(code: ErrorCode) {
     counter!(JOB_ERRORS, "code" => code.as_str()).increment(1);
 }
 
+/// A job answered; `model` must be a repository name or [`UNKNOWN_MODEL_LABEL`].
 pub fn record_job_done(model: &str, status: &'static str, rows: usize, duration: Duration) {
-    counter!(JOBS_COMPLETED, "model" => model.to_string(), "status" => status).increment(1);
+    counter!(JOBS_COMPLETED, "model" => model.to_string(), "lane" => ONLINE_LANE, "status" => status).increment(1);
     if status == "ok" {
         counter!(ROWS_SCORED, "model" => model.to_string()).increment(rows as u64);
     }
-    histogram!(JOB_DURATION, "model" => model.to_string()).record(duration.as_secs_f64());
+    histogram!(JOB_DURATION, "model" => model.to_string(), "lane" => ONLINE_LANE).record(duration.as_secs_f64());
+}
+
+pub fn record_batch_wait(model: &str, wait: Duration) {
+    histogram!(BATCH_WAIT, "model" => model.to_string()).record(wait.as_secs_f64());
 }
 
 pub fn record_batch(model: &str, version: u64, rows: usize, jobs: usize, closed_by: CloseReason, duration: Duration) {
@@ -101,6 +136,35 @@ pub fn record_batch(model: &str, version: u64, rows: usize, jobs: usize, closed_
     counter!(BATCHES, "model" => model.to_string(), "version" => version.clone(), "reason" => closed_by.as_str())
         .increment(1);
     histogram!(INFERENCE_DURATION, "model" => model.to_string(), "version" => version).record(duration.as_secs_f64());
+}
+
+pub fn record_sessions(model: &str, version: u64, busy: usize, idle: usize) {
+    let version = version.to_string();
+    gauge!(SESSIONS_BUSY, "model" => model.to_string(), "version" => version.clone()).set(busy as f64);
+    gauge!(SESSIONS_IDLE, "model" => model.to_string(), "version" => version).set(idle as f64);
+}
+
+pub fn record_model_loaded(model: &str, version: u64, sha256: &str) {
+    gauge!(MODEL_INFO, "model" => model.to_string(), "version" => version.to_string(), "sha256" => sha256.to_string())
+        .set(1.0);
+    // Present from the start, so a rate over it works before the first failure.
+    counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).absolute(0);
+}
+
+pub fn record_model_load_failure(model: &str) {
+    counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).increment(1);
+}
+
+/// A job entered (`+1`) or left (`-1`, acknowledged or returned) the worker.
+pub fn record_inflight(jobs: f64, rows: f64) {
+    gauge!(INFLIGHT_JOBS).increment(jobs);
+    gauge!(INFLIGHT_ROWS).increment(rows);
+}
+
+/// A new broker connection: deliveries of the old one are void, so nothing is in flight.
+pub fn reset_inflight() {
+    gauge!(INFLIGHT_JOBS).set(0.0);
+    gauge!(INFLIGHT_ROWS).set(0.0);
 }
 
 pub fn record_dead_lettered(code: ErrorCode) {
@@ -124,7 +188,9 @@ pub struct Health {
 impl Health {
     pub fn set_broker_connected(&self, connected: bool) {
         self.broker_connected.store(connected, Ordering::Relaxed);
-        gauge!(BROKER_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+        let value = if connected { 1.0 } else { 0.0 };
+        gauge!(BROKER_CONNECTED).set(value);
+        gauge!(READY).set(value);
     }
 
     /// Models are loaded before the worker starts consuming, so readiness is the broker link.

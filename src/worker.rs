@@ -32,6 +32,8 @@ pub struct Worker {
 
 impl Worker {
     pub async fn start(settings: Settings) -> Result<Self, StartError> {
+        // Installed first: metrics recorded while models load would otherwise be lost.
+        telemetry::recorder();
         let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
         let repository = {
             let settings = settings.clone();

@@ -1,6 +1,7 @@
 //! Fault test: RabbitMQ restarts (`rabbitmqctl stop_app` / `start_app`) during a 20,000-job run.
 //! Every job still gets a result, and any duplicate carries the same scores. Alone in its test
-//! binary because it takes the broker away from everything else.
+//! binary because it takes the broker away from everything else. Also checks that `/readyz`
+//! follows the broker connection.
 
 mod common;
 
@@ -30,6 +31,12 @@ async fn broker_restart_mid_run_loses_no_job() {
 
     let stopping = Instant::now();
     rabbitmqctl(&["stop_app"]);
+    // Readiness follows the broker: false while it is away, true once the worker is back.
+    while is_ready(worker.metrics).await {
+        assert!(stopping.elapsed() < Duration::from_secs(30), "/readyz still answers 200 without a broker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let not_ready_after = stopping.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
@@ -44,7 +51,8 @@ async fn broker_restart_mid_run_loses_no_job() {
     let (received, duplicates, identical) = verify(&results, JOBS);
     println!(
         "broker restart: {JOBS} jobs sent, {received} results, 0 missing, {duplicates} duplicates ({identical} bit-identical, all within 1e-6); \
-         broker down {:.1} s; worker ready {:.2} s after the broker; run {:.1} s",
+         /readyz false {:.2} s after stop_app; broker down {:.1} s; worker ready {:.2} s after the broker; run {:.1} s",
+        not_ready_after.as_secs_f64(),
         (broker_back - stopping).as_secs_f64(),
         reconnected.as_secs_f64(),
         started.elapsed().as_secs_f64()

@@ -87,6 +87,7 @@ fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Jo
         model: Arc::clone(model),
         rows,
         received_at: Instant::now(),
+        queued_for: std::time::Duration::ZERO,
         deadline_ms: None,
         reply,
         original: Original { body: Vec::new(), properties: lapin::BasicProperties::default() },

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -84,6 +84,9 @@ impl<'a> Consumer<'a> {
     async fn accept(&mut self, delivery: Delivery) -> bool {
         let received_at = Instant::now();
         let Delivery { data, properties, acker, .. } = delivery;
+        let queue_wait = properties
+            .timestamp()
+            .map(|seconds| Duration::from_millis(epoch_ms().saturating_sub(seconds.saturating_mul(1000))));
         let reply = Reply {
             acker,
             routing_key: properties
@@ -96,7 +99,8 @@ impl<'a> Consumer<'a> {
         match self.prepare(&data, &properties, received_at) {
             Ok(Prepared { job_id, rows, model, inputs, deadline_ms }) => {
                 let key = (model.name.clone(), model.version);
-                telemetry::record_job_received(&key.0);
+                telemetry::record_job_received(&key.0, queue_wait);
+                telemetry::record_inflight(1.0, rows as f64);
                 self.next_seq += 1;
                 let meta = JobMeta {
                     seq: self.next_seq,
@@ -104,6 +108,7 @@ impl<'a> Consumer<'a> {
                     rows,
                     model,
                     received_at,
+                    queued_for: queue_wait.unwrap_or_default(),
                     deadline_ms,
                     reply,
                     original: Original { body: data, properties },
@@ -124,9 +129,16 @@ impl<'a> Consumer<'a> {
                     "job rejected"
                 );
                 telemetry::record_job_error(error.code);
+                telemetry::record_inflight(1.0, 0.0);
+                let model = match error.model.as_deref() {
+                    Some(name) if self.repository.names().contains(&name) => name,
+                    _ => telemetry::UNKNOWN_MODEL_LABEL,
+                };
+                telemetry::record_job_done(model, "error", 0, queue_wait.unwrap_or_default() + received_at.elapsed());
                 let outgoing = Outgoing {
                     reply,
                     job_id: error.job_id.clone(),
+                    rows: 0,
                     body: encode_error(&error),
                     dead_letter: Some(DeadLetter {
                         original: Original { body: data, properties },
@@ -179,8 +191,7 @@ struct Prepared {
 /// The job's deadline in epoch milliseconds: header `x-deadline`, else the AMQP `expiration`
 /// counted from the message's `timestamp` (or from its receipt when it has none).
 fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option<u64>, String> {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    let received_ms = now_ms.saturating_sub(received_at.elapsed().as_millis() as u64);
+    let received_ms = epoch_ms().saturating_sub(received_at.elapsed().as_millis() as u64);
     if let Some(value) = properties.headers().as_ref().and_then(|h| h.inner().get(DEADLINE_HEADER)) {
         let millis = match value {
             AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
@@ -200,4 +211,8 @@ fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option
     };
     let published_ms = properties.timestamp().map(|seconds| seconds * 1000).unwrap_or(received_ms);
     Ok(Some(published_ms + expiration))
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

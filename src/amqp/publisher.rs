@@ -107,7 +107,24 @@ async fn publish_dead_letter(
     headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(dead_letter.code.as_str().into()));
     headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(dead_letter.message.as_str().into()));
     headers.insert(ORIGINAL_QUEUE_HEADER.into(), AMQPValue::LongString(settings.jobs_queue.as_str().into()));
-    let properties = dead_letter.original.properties.clone().with_headers(headers).with_delivery_mode(2);
+    // A fresh set of properties: the original's expiration would let the copy expire in the queue.
+    let original = &dead_letter.original.properties;
+    let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
+    if let Some(v) = original.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        properties = properties.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
     Ok(channel
         .basic_publish(
             settings.dead_letter_exchange.as_str().into(),
@@ -130,9 +147,11 @@ async fn confirmed(confirm: PublisherConfirm, timeout: Duration) -> Result<Confi
 async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outgoing, u32)>, AmqpError> {
     let Settled { result, dead_letter, mut outgoing, attempt } = settled;
     let job_id = outgoing.job_id.clone().unwrap_or_default();
+    let leaves = |outgoing: &Outgoing| telemetry::record_inflight(-1.0, -(outgoing.rows as f64));
     if let Some(Confirmation::Nack(_)) = dead_letter {
         tracing::error!(job_id, "the broker refused the dead-letter copy; the job returns to the queue");
         outgoing.reply.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        leaves(&outgoing);
         return Ok(None);
     }
     if let (Some(dead_letter), Some(_)) = (&outgoing.dead_letter, &dead_letter) {
@@ -141,6 +160,7 @@ async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outg
     match result {
         Confirmation::Ack(None) | Confirmation::NotRequested => {
             outgoing.reply.acker.ack(BasicAckOptions::default()).await?;
+            leaves(&outgoing);
             Ok(None)
         }
         Confirmation::Ack(Some(_)) if outgoing.reply.routing_key != *fallback => {
@@ -160,6 +180,7 @@ async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outg
                 "results queue does not exist; the job is rejected (declare the queue or set amqp.declare_queues)"
             );
             outgoing.reply.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+            leaves(&outgoing);
             Ok(None)
         }
         Confirmation::Nack(_) if attempt < MAX_PUBLISH_ATTEMPTS => {
@@ -169,6 +190,7 @@ async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outg
         Confirmation::Nack(_) => {
             tracing::error!(job_id, attempt, "broker refused the result repeatedly; the job returns to the queue");
             outgoing.reply.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+            leaves(&outgoing);
             Ok(None)
         }
     }

@@ -8,6 +8,7 @@ use deadpool::unmanaged::{Object, Pool};
 use ort::session::Session;
 use ort::value::{DynMapValueType, DynValue, TensorElementType, TensorRef, ValueType};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::outputs::{Column, ColumnData, Element, MapKeyType, MapRow, OutputKind};
 use crate::settings::{BatchingSettings, InferenceSettings};
@@ -79,6 +80,8 @@ pub struct ModelVersion {
     pub name: String,
     pub version: u64,
     pub path: PathBuf,
+    /// Hex sha256 of the model file: which bytes scored a job, for audit.
+    pub sha256: String,
     pub description: Option<String>,
     pub signature: Signature,
     /// Outputs published in results, in model order.
@@ -114,6 +117,8 @@ impl ModelVersion {
             path: path.to_path_buf(),
             problem,
         };
+        let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read the model file: {e}")))?;
+        let sha256 = format!("{:x}", Sha256::digest(&bytes));
         let mut sessions = Vec::with_capacity(inference.sessions);
         for _ in 0..inference.sessions {
             sessions.push(open_session(env, path, inference).map_err(|e| invalid(e.to_string()))?);
@@ -148,6 +153,7 @@ impl ModelVersion {
             name: name.to_string(),
             version,
             path: path.to_path_buf(),
+            sha256,
             description: config.description.clone(),
             signature,
             published,
@@ -156,6 +162,12 @@ impl ModelVersion {
             batching: config.batching.apply(batching),
             sessions: Pool::from(sessions),
         })
+    }
+
+    /// Sessions running a batch and sessions free.
+    pub fn session_usage(&self) -> (usize, usize) {
+        let status = self.sessions.status();
+        (status.size.saturating_sub(status.available), status.available)
     }
 
     /// Waits for a free session; completes at once when the engine for this model is idle.

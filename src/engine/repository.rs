@@ -53,8 +53,13 @@ impl Repository {
                     continue;
                 }
                 let model =
-                    ModelVersion::load(env, &name, version, &file, &config, settings.inference, settings.batching)?;
-                tracing::info!(model = %name, version, path = %file.display(), features = model.signature.n_features, "model loaded");
+                    ModelVersion::load(env, &name, version, &file, &config, settings.inference, settings.batching)
+                        .inspect_err(|_| crate::telemetry::record_model_load_failure(&name))?;
+                tracing::info!(model = %name, version, path = %file.display(), sha256 = %model.sha256,
+                    features = model.signature.n_features, "model loaded");
+                crate::telemetry::record_model_loaded(&name, version, &model.sha256);
+                let (busy, idle) = model.session_usage();
+                crate::telemetry::record_sessions(&name, version, busy, idle);
                 versions.insert(version, Arc::new(model));
             }
             if !versions.is_empty() {

@@ -1,0 +1,128 @@
+//! Metrics as Prometheus sees them: after a known set of jobs, a scrape of a worker process's
+//! `/metrics` shows the matching counters and histogram counts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{delete_topology, expected, fixtures_repository, Client};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()))
+}
+
+/// Sum of the samples of `name` whose labels include every `label="value"` in `labels`.
+fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name && labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_matches_the_jobs_scored() {
+    let settings = common::settings("metrics", &fixtures_repository());
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let amqp = &settings.amqp;
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_batchscore"))
+        .arg("worker")
+        .current_dir(common::root())
+        .env("BATCHSCORE__AMQP__JOBS_QUEUE", &amqp.jobs_queue)
+        .env("BATCHSCORE__AMQP__RESULTS_QUEUE", &amqp.results_queue)
+        .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
+        .env("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
+        .env("BATCHSCORE__MODELS__REPOSITORY", fixtures_repository())
+        .env("BATCHSCORE__METRICS__LISTEN", addr.to_string())
+        .env("BATCHSCORE__LOGGING__LEVEL", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    let started = Instant::now();
+    while get(addr, "/readyz").map(|(status, _)| status) != Some(200) {
+        assert!(started.elapsed() < Duration::from_secs(30), "worker not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(addr, "/healthz").map(|(status, _)| status), Some(200));
+
+    let mut client = Client::new(&settings).await;
+    let rows = expected("linear_v1")["rows"].as_array().unwrap().clone();
+    let sizes = [1usize, 3, 5, 8, 13];
+    for (i, n) in sizes.iter().enumerate() {
+        client
+            .send(&json!({"job_id": format!("m{i}"), "model": "linear", "model_version": "2", "rows": rows[..*n]}))
+            .await;
+    }
+    client.send(&json!({"job_id": "bad-model", "model": "nope", "rows": [rows[0]]})).await;
+    client.send_raw(b"not json", Default::default()).await;
+    client.results(sizes.len() + 2).await;
+    let total_rows: usize = sizes.iter().sum();
+
+    // Gauges and counters settle once the last acknowledgement is made.
+    let scrape = loop {
+        let (_, scrape) = get(addr, "/metrics").expect("scrape");
+        if sample(&scrape, "batchscore_inflight_jobs", &[]) == 0.0 || started.elapsed() > Duration::from_secs(30) {
+            break scrape;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let linear = [("model", "linear"), ("lane", "online")];
+    assert_eq!(sample(&scrape, "batchscore_jobs_received_total", &linear), sizes.len() as f64, "{scrape}");
+    assert_eq!(
+        sample(&scrape, "batchscore_jobs_completed_total", &[("model", "linear"), ("status", "ok")]),
+        sizes.len() as f64
+    );
+    assert_eq!(sample(&scrape, "batchscore_jobs_completed_total", &[("model", "unknown"), ("status", "error")]), 2.0);
+    assert_eq!(sample(&scrape, "batchscore_rows_scored_total", &[("model", "linear")]), total_rows as f64);
+    assert_eq!(sample(&scrape, "batchscore_job_duration_seconds_count", &linear), sizes.len() as f64);
+    assert_eq!(sample(&scrape, "batchscore_batch_wait_seconds_count", &[("model", "linear")]), sizes.len() as f64);
+    assert_eq!(
+        sample(&scrape, "batchscore_batch_rows_sum", &[("model", "linear"), ("version", "2")]),
+        total_rows as f64
+    );
+    let batches = sample(&scrape, "batchscore_batch_rows_count", &[("model", "linear"), ("version", "2")]);
+    assert_eq!(sample(&scrape, "batchscore_batches_total", &[("model", "linear"), ("version", "2")]), batches);
+    assert_eq!(sample(&scrape, "batchscore_inference_duration_seconds_count", &[("version", "2")]), batches);
+    assert_eq!(sample(&scrape, "batchscore_job_errors_total", &[("code", "unknown_model")]), 1.0);
+    assert_eq!(sample(&scrape, "batchscore_job_errors_total", &[("code", "invalid_json")]), 1.0);
+    assert_eq!(sample(&scrape, "batchscore_dead_lettered_total", &[]), 2.0);
+    assert_eq!(sample(&scrape, "batchscore_publish_duration_seconds_count", &[]), (sizes.len() + 2) as f64);
+    assert_eq!(sample(&scrape, "batchscore_inflight_jobs", &[]), 0.0);
+    assert_eq!(sample(&scrape, "batchscore_inflight_rows", &[]), 0.0);
+    assert_eq!(sample(&scrape, "batchscore_broker_connected", &[]), 1.0);
+    assert_eq!(sample(&scrape, "batchscore_ready", &[]), 1.0);
+    assert_eq!(sample(&scrape, "batchscore_sessions_idle", &[("model", "linear"), ("version", "2")]), 1.0);
+    let file = std::fs::read(fixtures_repository().join("linear/2/model.onnx")).unwrap();
+    let sha256 = format!("{:x}", Sha256::digest(&file));
+    assert_eq!(
+        sample(&scrape, "batchscore_model_info", &[("model", "linear"), ("version", "2"), ("sha256", &sha256)]),
+        1.0
+    );
+    assert!(
+        !scrape.contains("m0") && !scrape.contains("\"nope\""),
+        "no job ids or unknown model names as label values"
+    );
+
+    Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().expect("kill");
+    let _ = worker.wait();
+    delete_topology(&settings).await;
+}
