@@ -1,4 +1,5 @@
-//! The `inspect` command: a model file's inputs and outputs, and whether the worker can serve it.
+//! The `inspect` and `models` commands: a model file's inputs and outputs, and whether the
+//! worker can serve it; every model version in the repository and which one serves.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -6,7 +7,8 @@ use std::path::Path;
 use ort::value::ValueType;
 
 use crate::engine::model::{open_session, read_signature};
-use crate::engine::runtime;
+use crate::engine::outputs::{Element, MapKeyType, OutputKind};
+use crate::engine::{runtime, Repository};
 use crate::settings::Settings;
 
 /// Describes `path` as text, ready to print.
@@ -36,5 +38,57 @@ fn describe_type(dtype: &ValueType) -> String {
             format!("tensor {ty} [{}]", dims.join(", "))
         }
         other => other.to_string(),
+    }
+}
+
+/// The repository as a table: one line per model version, the serving one marked.
+pub fn list_models(settings: &Settings) -> anyhow::Result<String> {
+    let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
+    let repository = Repository::load(env, settings)?;
+    let mut text = String::new();
+    writeln!(
+        text,
+        "{:<20} {:>7}  {:<7} {:>8}  {:<44} {:<8} SHA256",
+        "MODEL", "VERSION", "SERVING", "FEATURES", "OUTPUTS", "PROVIDER"
+    )?;
+    for model in repository.versions() {
+        let serving = repository.resolve(&model.name, None).is_ok_and(|latest| latest.version == model.version);
+        let outputs: Vec<String> =
+            model.published.iter().map(|o| format!("{} {}", o.name, describe_kind(&o.kind))).collect();
+        writeln!(
+            text,
+            "{:<20} {:>7}  {:<7} {:>8}  {:<44} {:<8} {}",
+            model.name,
+            model.version,
+            if serving { "yes" } else { "no" },
+            model.signature.n_features,
+            outputs.join(", "),
+            "cpu",
+            model.sha256
+        )?;
+    }
+    Ok(text)
+}
+
+fn describe_kind(kind: &OutputKind) -> String {
+    match kind {
+        OutputKind::Tensor { element, row_shape } => {
+            let element = match element {
+                Element::F32 => "f32",
+                Element::F64 => "f64",
+                Element::I64 => "i64",
+                Element::I32 => "i32",
+                Element::Bool => "bool",
+                Element::Str => "string",
+            };
+            let dims: Vec<String> = row_shape.iter().map(usize::to_string).collect();
+            if dims.is_empty() {
+                element.to_string()
+            } else {
+                format!("{element}[{}]", dims.join(","))
+            }
+        }
+        OutputKind::MapSequence { key: MapKeyType::I64 } => "map<i64,f32>".into(),
+        OutputKind::MapSequence { key: MapKeyType::Str } => "map<string,f32>".into(),
     }
 }

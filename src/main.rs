@@ -1,4 +1,4 @@
-//! The `batchscore` command line: `worker`, `submit` and `inspect`.
+//! The `batchscore` command line: `worker`, `submit`, `models` and `inspect`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +29,8 @@ enum Command {
     Worker,
     /// Send a CSV or JSONL file as jobs, wait for every result, write them in input order.
     Submit(SubmitArgs),
+    /// List the model repository: versions, signatures, sha256, which version serves.
+    Models,
     /// Show a model file's inputs and outputs.
     Inspect {
         /// Path to model.onnx.
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
             Command::Submit(args) => batchscore::submit::run(&settings, &args).await.map(|summary| {
                 println!("{summary}");
             }),
+            Command::Models => batchscore::inspect::list_models(&settings).map(|text| print!("{text}")),
             Command::Inspect { model } => batchscore::inspect::describe(&settings, &model).map(|text| print!("{text}")),
         }
     });

@@ -66,6 +66,24 @@ fn inspect_lists_inputs_and_outputs() {
     }
 }
 
+#[test]
+fn models_lists_every_version_and_the_serving_one() {
+    let repository = fixtures_repository();
+    let output = batchscore(&["models"], &[("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().unwrap())]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = |model: &str, version: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().take(2).eq([model, version]))
+            .unwrap_or_else(|| panic!("no line for {model} v{version} in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("linear", "1").contains(" no "), "{text}");
+    assert!(line("linear", "2").contains(" yes "), "{text}");
+    assert!(line("trees", "1").contains("output_probability map<i64,f32>"), "{text}");
+    assert!(line("mlp", "1").contains("probabilities f32[2]"), "{text}");
+}
+
 /// 64 rows in jobs of 5 rows through a real worker: outputs come back in input order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_writes_results_in_input_order() {

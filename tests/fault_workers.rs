@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
@@ -18,24 +18,7 @@ async fn declare(settings: &Settings) {
 }
 
 fn spawn_worker(settings: &Settings) -> Child {
-    let amqp = &settings.amqp;
-    let log =
-        std::fs::File::create(std::env::temp_dir().join(format!("{}.{}.log", amqp.jobs_queue, std::process::id())))
-            .expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_batchscore"))
-        .arg("worker")
-        .current_dir(common::root())
-        .env("BATCHSCORE__AMQP__JOBS_QUEUE", &amqp.jobs_queue)
-        .env("BATCHSCORE__AMQP__RESULTS_QUEUE", &amqp.results_queue)
-        .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
-        .env("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
-        .env("BATCHSCORE__MODELS__REPOSITORY", fixtures_repository())
-        .env("BATCHSCORE__METRICS__LISTEN", "127.0.0.1:0")
-        .env("BATCHSCORE__LOGGING__LEVEL", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("worker process starts")
+    common::spawn_worker_process(settings, "127.0.0.1:0")
 }
 
 async fn wait_for_exit(mut child: Child, timeout: Duration) -> std::process::ExitStatus {

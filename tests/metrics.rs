@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{delete_topology, expected, fixtures_repository, Client};
@@ -43,20 +43,7 @@ fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn scrape_matches_the_jobs_scored() {
     let settings = common::settings("metrics", &fixtures_repository());
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let amqp = &settings.amqp;
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_batchscore"))
-        .arg("worker")
-        .current_dir(common::root())
-        .env("BATCHSCORE__AMQP__JOBS_QUEUE", &amqp.jobs_queue)
-        .env("BATCHSCORE__AMQP__RESULTS_QUEUE", &amqp.results_queue)
-        .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
-        .env("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
-        .env("BATCHSCORE__MODELS__REPOSITORY", fixtures_repository())
-        .env("BATCHSCORE__METRICS__LISTEN", addr.to_string())
-        .env("BATCHSCORE__LOGGING__LEVEL", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("worker starts");
+    let mut worker = common::spawn_worker_process(&settings, &addr.to_string());
     let started = Instant::now();
     while get(addr, "/readyz").map(|(status, _)| status) != Some(200) {
         assert!(started.elapsed() < Duration::from_secs(30), "worker not ready");

@@ -5,6 +5,7 @@ mod common;
 
 use common::{assert_close, expected, expected_slice, fixtures_repository, root, Client, TestWorker};
 use serde_json::{json, Value};
+use sha2::Digest;
 
 async fn score_fixture(test: &str, repository: std::path::PathBuf, model: &str, version: &str) {
     let worker = TestWorker::start(common::settings(test, &repository)).await;
@@ -16,6 +17,12 @@ async fn score_fixture(test: &str, repository: std::path::PathBuf, model: &str, 
     assert_eq!(result["job_id"], test);
     assert_eq!(result["model"], model);
     assert_eq!(result["model_version"], version);
+    let file = std::fs::read(repository.join(model).join(version).join("model.onnx")).expect("model file");
+    assert_eq!(
+        result["model_sha256"],
+        format!("{:x}", sha2::Sha256::digest(&file)),
+        "the digest of the file that scored"
+    );
     assert_eq!(result["rows"], fixture["rows"].as_array().map(Vec::len).unwrap_or(0));
     assert_close(&result["outputs"], &fixture["outputs"], "outputs");
     assert_eq!(worker.stop().await, 0, "every job acknowledged");

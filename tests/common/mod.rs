@@ -275,3 +275,27 @@ pub fn expected_slice(outputs: &Value, range: std::ops::Range<usize>) -> Value {
         .collect();
     Value::Object(sliced)
 }
+
+/// A worker process on the test's queues and the fixture models; its log goes to a file in the
+/// temporary directory named after the jobs queue.
+pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> std::process::Child {
+    let amqp = &settings.amqp;
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker{n}.log", amqp.jobs_queue)))
+        .expect("log file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_batchscore"))
+        .arg("worker")
+        .current_dir(root())
+        .env("BATCHSCORE__AMQP__JOBS_QUEUE", &amqp.jobs_queue)
+        .env("BATCHSCORE__AMQP__RESULTS_QUEUE", &amqp.results_queue)
+        .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
+        .env("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
+        .env("BATCHSCORE__MODELS__REPOSITORY", &settings.models.repository)
+        .env("BATCHSCORE__METRICS__LISTEN", metrics_listen)
+        .env("BATCHSCORE__LOGGING__LEVEL", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("worker process starts")
+}
