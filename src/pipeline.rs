@@ -91,6 +91,9 @@ pub struct DeadLetter {
     pub message: String,
 }
 
+/// Pause between the last acknowledgement and closing the channel at shutdown.
+const SETTLE_GRACE: Duration = Duration::from_millis(500);
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
@@ -183,6 +186,10 @@ async fn serve(
         ),
     }
     tracing::debug!("publisher stopped; closing the connection");
+    // A quorum queue applies acknowledgements asynchronously, and may handle the consumer's
+    // channel going away before the last of them: those jobs would be redelivered although
+    // answered. A short pause lets the queue settle them first.
+    tokio::time::sleep(SETTLE_GRACE).await;
     // The broker answers channel.close only after it has processed every earlier frame on the
     // channel, acknowledgements included: waiting for it makes the acks of drained jobs stick.
     // Closing also returns deliveries not yet processed (after a drain timeout) to the queue.

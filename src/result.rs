@@ -36,10 +36,8 @@ pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<
                 }
                 outcome => {
                     let assembly = partial.entry(job.seq).or_insert_with(|| Assembly {
-                        columns: match outcome {
-                            Ok(columns) => columns.iter().map(|c| c.empty_like(job.rows)).collect(),
-                            Err(_) => Vec::new(),
-                        },
+                        // Shaped by the first part that scores (an earlier part may have failed).
+                        columns: Vec::new(),
                         filled: 0,
                         inference: Duration::ZERO,
                         last_batch_at: batch.started_at,

@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
 use common::load::{collect, declare_reply_queue, delete_queue, depth, publish_jobs, verify, wait_for_depth};
-use common::{delete_topology, fixtures_repository};
+use common::{delete_topology, fixtures_repository, WorkerProcess};
 
 /// Declares the topology the workers will use, so jobs can be queued before any worker is up.
 async fn declare(settings: &Settings) {
@@ -17,14 +17,14 @@ async fn declare(settings: &Settings) {
     batchscore::amqp::declare_topology(&channel, &settings.amqp).await.expect("topology");
 }
 
-fn spawn_worker(settings: &Settings) -> Child {
+fn spawn_worker(settings: &Settings) -> WorkerProcess {
     common::spawn_worker_process(settings, "127.0.0.1:0")
 }
 
-async fn wait_for_exit(mut child: Child, timeout: Duration) -> std::process::ExitStatus {
+async fn wait_for_exit(mut child: WorkerProcess, timeout: Duration) -> std::process::ExitStatus {
     let started = Instant::now();
     loop {
-        if let Some(status) = child.try_wait().expect("worker status") {
+        if let Some(status) = child.0.try_wait().expect("worker status") {
             return status;
         }
         assert!(started.elapsed() < timeout, "worker did not exit within {timeout:?}");
@@ -43,9 +43,9 @@ async fn sigkill_of_one_of_two_workers_loses_no_job() {
     let started = Instant::now();
     publish_jobs(&settings.amqp.jobs_queue, &reply_queue, JOBS).await;
     wait_for_depth(&reply_queue, 2_000, Duration::from_secs(120)).await;
-    victim.kill().expect("SIGKILL");
+    victim.0.kill().expect("SIGKILL");
     let killed_at = started.elapsed();
-    let _ = victim.wait();
+    let _ = victim.0.wait();
 
     let results = collect(&reply_queue, JOBS, Duration::from_secs(300)).await;
     let (received, duplicates, identical) = verify(&results, JOBS);
@@ -61,8 +61,8 @@ async fn sigkill_of_one_of_two_workers_loses_no_job() {
     delete_topology(&settings).await;
 }
 
-async fn wait_for_exit_after_term(child: Child) -> std::process::ExitStatus {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+async fn wait_for_exit_after_term(child: WorkerProcess) -> std::process::ExitStatus {
+    let status = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill runs");
     assert!(status.success());
     wait_for_exit(child, Duration::from_secs(40)).await
 }

@@ -109,7 +109,7 @@ async fn scrape_matches_the_jobs_scored() {
         "no job ids or unknown model names as label values"
     );
 
-    Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().expect("kill");
-    let _ = worker.wait();
+    Command::new("kill").args(["-TERM", &worker.0.id().to_string()]).status().expect("kill");
+    let _ = worker.0.wait();
     delete_topology(&settings).await;
 }

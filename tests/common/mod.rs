@@ -276,9 +276,20 @@ pub fn expected_slice(outputs: &Value, range: std::ops::Range<usize>) -> Value {
     Value::Object(sliced)
 }
 
+/// A worker process that is killed when dropped, so a failing test leaves none behind.
+pub struct WorkerProcess(pub std::process::Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // Already gone when the test stopped it: both calls then fail harmlessly.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A worker process on the test's queues and the fixture models; its log goes to a file in the
 /// temporary directory named after the jobs queue.
-pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> std::process::Child {
+pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> WorkerProcess {
     let amqp = &settings.amqp;
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -297,5 +308,6 @@ pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> std::p
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
+        .map(WorkerProcess)
         .expect("worker process starts")
 }
