@@ -284,3 +284,31 @@ async fn garbage_stream_interleaved_with_good_jobs() {
     let (left, dead_letters) = worker.stop_with_dead_letters().await;
     assert_eq!((left as usize, dead_letters.len()), (0, garbage.len()), "every bad job dead-lettered, none left");
 }
+
+/// The broker cancels the subscription (here: the jobs queue is deleted under the worker); the
+/// worker notices the consumer ending, declares its topology again and resumes consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_subscription_is_renewed() {
+    let worker = TestWorker::start(common::settings("cancelled", &fixtures_repository())).await;
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let jobs_queue = worker.settings.amqp.jobs_queue.clone();
+    channel.queue_delete(jobs_queue.as_str().into(), Default::default()).await.expect("queue deleted");
+    let started = std::time::Instant::now();
+    loop {
+        let probe = connection.create_channel().await.expect("channel");
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        if let Ok(queue) = probe.queue_declare(jobs_queue.as_str().into(), passive, Default::default()).await {
+            if queue.consumer_count() > 0 {
+                break;
+            }
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "worker did not subscribe again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut client = Client::new(&worker.settings).await;
+    let row = expected("linear_v1")["rows"][0].clone();
+    client.send(&json!({"job_id": "after", "model": "linear", "rows": [row]})).await;
+    assert_eq!(client.result().await["status"], "ok");
+    assert_eq!(worker.stop().await, 0);
+}
