@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
@@ -15,7 +15,7 @@ use tokio::time::sleep_until;
 use crate::engine::{InferenceError, ModelVersion};
 use crate::infer;
 use crate::job::ErrorCode;
-use crate::pipeline::{Job, JobFailure, JobMeta, ScoredBatch};
+use crate::pipeline::{epoch_ms, Job, JobFailure, JobMeta, ScoredBatch};
 
 /// Why a batch stopped taking rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +173,7 @@ pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored
 
 /// Queues `job` for a batch, unless its deadline has passed: then it is answered `expired`.
 async fn admit(job: Job, pending: &mut Pending, scored: &mpsc::Sender<ScoredBatch>) {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now_ms = epoch_ms();
     match job.meta.deadline_ms {
         Some(deadline) if deadline < now_ms => {
             let rows = job.meta.rows;

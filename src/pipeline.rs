@@ -44,6 +44,11 @@ pub struct JobMeta {
     pub original: Original,
 }
 
+/// Now in epoch milliseconds, the unit of job deadlines.
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A delivery's body and properties, kept to dead-letter it unchanged.
 #[derive(Debug, Clone)]
 pub struct Original {
@@ -87,8 +92,7 @@ pub struct Outgoing {
 #[derive(Debug)]
 pub struct DeadLetter {
     pub original: Original,
-    pub code: ErrorCode,
-    pub message: String,
+    pub failure: JobFailure,
 }
 
 /// Pause between the last acknowledgement and closing the channel at shutdown.

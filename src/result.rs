@@ -108,8 +108,7 @@ fn failed(job: &JobMeta, failure: JobFailure) -> (Vec<u8>, &'static str, Option<
         code: failure.code,
         message: failure.message.clone(),
     };
-    let dead_letter =
-        (!expired).then(|| DeadLetter { original: job.original.clone(), code: failure.code, message: failure.message });
+    let dead_letter = (!expired).then(|| DeadLetter { original: job.original.clone(), failure });
     (encode_error(&error), if expired { "expired" } else { "error" }, dead_letter)
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AmqpError, Reply};
 use crate::engine::{ModelVersion, Repository};
 use crate::job::{self, Envelope, ErrorCode, JobError, JobRequest};
-use crate::pipeline::{DeadLetter, Job, JobMeta, Original, Outgoing};
+use crate::pipeline::{epoch_ms, DeadLetter, Job, JobFailure, JobMeta, Original, Outgoing};
 use crate::result::encode_error;
 use crate::settings::Settings;
 use crate::telemetry;
@@ -142,8 +142,7 @@ impl<'a> Consumer<'a> {
                     body: encode_error(&error),
                     dead_letter: Some(DeadLetter {
                         original: Original { body: data, properties },
-                        code: error.code,
-                        message: error.message,
+                        failure: JobFailure { code: error.code, message: error.message },
                     }),
                 };
                 self.publish.send(outgoing).await.is_ok()
@@ -211,8 +210,4 @@ fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option
     };
     let published_ms = properties.timestamp().map(|seconds| seconds * 1000).unwrap_or(received_ms);
     Ok(Some(published_ms + expiration))
-}
-
-fn epoch_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -104,8 +104,8 @@ async fn publish_dead_letter(
     dead_letter: &DeadLetter,
 ) -> Result<PublisherConfirm, AmqpError> {
     let mut headers = dead_letter.original.properties.headers().clone().unwrap_or_default();
-    headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(dead_letter.code.as_str().into()));
-    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(dead_letter.message.as_str().into()));
+    headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(dead_letter.failure.code.as_str().into()));
+    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(dead_letter.failure.message.as_str().into()));
     headers.insert(ORIGINAL_QUEUE_HEADER.into(), AMQPValue::LongString(settings.jobs_queue.as_str().into()));
     // A fresh set of properties: the original's expiration would let the copy expire in the queue.
     let original = &dead_letter.original.properties;
@@ -143,27 +143,28 @@ async fn confirmed(confirm: PublisherConfirm, timeout: Duration) -> Result<Confi
     }
 }
 
+/// What happens to the job behind a settled publish.
+enum Verdict {
+    Ack,
+    /// Back to the queue, for another delivery.
+    Requeue,
+    /// Out of the queue without an answer (the broker dead-letters it).
+    Reject,
+    /// Publish the result again (to `routing_key`, possibly changed).
+    Retry,
+}
+
 /// Acks or requeues the job behind a settled publish; returns a result to publish again.
 async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outgoing, u32)>, AmqpError> {
     let Settled { result, dead_letter, mut outgoing, attempt } = settled;
     let job_id = outgoing.job_id.clone().unwrap_or_default();
-    let leaves = |outgoing: &Outgoing| telemetry::record_inflight(-1.0, -(outgoing.rows as f64));
-    if let Some(Confirmation::Nack(_)) = dead_letter {
-        tracing::error!(job_id, "the broker refused the dead-letter copy; the job returns to the queue");
-        outgoing.reply.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-        leaves(&outgoing);
-        return Ok(None);
-    }
-    if let (Some(dead_letter), Some(_)) = (&outgoing.dead_letter, &dead_letter) {
-        telemetry::record_dead_lettered(dead_letter.code);
-    }
-    match result {
-        Confirmation::Ack(None) | Confirmation::NotRequested => {
-            outgoing.reply.acker.ack(BasicAckOptions::default()).await?;
-            leaves(&outgoing);
-            Ok(None)
+    let verdict = match (&result, &dead_letter) {
+        (_, Some(Confirmation::Nack(_))) => {
+            tracing::error!(job_id, "the broker refused the dead-letter copy; the job returns to the queue");
+            Verdict::Requeue
         }
-        Confirmation::Ack(Some(_)) if outgoing.reply.routing_key != *fallback => {
+        (Confirmation::Ack(None) | Confirmation::NotRequested, _) => Verdict::Ack,
+        (Confirmation::Ack(Some(_)), _) if outgoing.reply.routing_key != *fallback => {
             tracing::warn!(
                 job_id,
                 reply_to = outgoing.reply.routing_key.as_str(),
@@ -171,27 +172,38 @@ async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outg
                 "reply queue does not exist; sending the result to the results queue"
             );
             outgoing.reply.routing_key = fallback.clone();
-            Ok(Some((outgoing, attempt + 1)))
+            Verdict::Retry
         }
-        Confirmation::Ack(Some(_)) => {
+        (Confirmation::Ack(Some(_)), _) => {
             tracing::error!(
                 job_id,
                 queue = fallback.as_str(),
                 "results queue does not exist; the job is rejected (declare the queue or set amqp.declare_queues)"
             );
-            outgoing.reply.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
-            leaves(&outgoing);
-            Ok(None)
+            Verdict::Reject
         }
-        Confirmation::Nack(_) if attempt < MAX_PUBLISH_ATTEMPTS => {
+        (Confirmation::Nack(_), _) if attempt < MAX_PUBLISH_ATTEMPTS => {
             tracing::warn!(job_id, attempt, "broker refused the result; publishing it again");
-            Ok(Some((outgoing, attempt + 1)))
+            Verdict::Retry
         }
-        Confirmation::Nack(_) => {
+        (Confirmation::Nack(_), _) => {
             tracing::error!(job_id, attempt, "broker refused the result repeatedly; the job returns to the queue");
-            outgoing.reply.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-            leaves(&outgoing);
-            Ok(None)
+            Verdict::Requeue
+        }
+    };
+    // Counted once the copy is confirmed, whatever becomes of the result.
+    if let (Some(copy), Some(confirmation)) = (&outgoing.dead_letter, &dead_letter) {
+        if !matches!(confirmation, Confirmation::Nack(_)) {
+            telemetry::record_dead_lettered(copy.failure.code);
         }
     }
+    let acker = &outgoing.reply.acker;
+    match verdict {
+        Verdict::Retry => return Ok(Some((outgoing, attempt + 1))),
+        Verdict::Ack => acker.ack(BasicAckOptions::default()).await?,
+        Verdict::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?,
+        Verdict::Reject => acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?,
+    };
+    telemetry::record_inflight(-1.0, -(outgoing.rows as f64));
+    Ok(None)
 }
