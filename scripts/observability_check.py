@@ -49,7 +49,7 @@ METRICS = {
     "batchscore_inflight_rows": ("gauge", set(), True),
     "batchscore_sessions_busy": ("gauge", {"model", "version"}, True),
     "batchscore_sessions_idle": ("gauge", {"model", "version"}, True),
-    "batchscore_model_info": ("gauge", {"model", "version", "sha256"}, True),
+    "batchscore_model_info": ("gauge", {"model", "version", "sha256", "provider"}, True),
     "batchscore_broker_connected": ("gauge", set(), True),
     "batchscore_ready": ("gauge", set(), True),
 }

@@ -5,17 +5,19 @@
 //! only add latency), when it is full, or when its oldest rows waited `max_delay_ms` for a
 //! busy engine; it then runs with what arrived while the previous batch ran.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
-use crate::engine::{InferenceError, ModelVersion};
+use crate::engine::{InferenceError, ModelVersion, Repository};
 use crate::infer;
 use crate::job::ErrorCode;
-use crate::pipeline::{epoch_ms, Job, JobFailure, JobMeta, ScoredBatch};
+use crate::pipeline::{epoch_ms, Job, JobFailure, JobMeta, Lane, ScoredBatch};
+use crate::settings::BatchingSettings;
 
 /// Why a batch stopped taking rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +90,7 @@ impl Pending {
         self.queue.is_empty()
     }
 
-    fn oldest(&self) -> Option<Instant> {
+    pub fn oldest(&self) -> Option<Instant> {
         self.queue.front().map(|(_, _, at)| *at)
     }
 
@@ -125,11 +127,49 @@ impl Pending {
     }
 }
 
+/// Pending rows of both lanes; the online lane's are always taken first.
+#[derive(Debug, Default)]
+struct Lanes {
+    online: Pending,
+    bulk: Pending,
+}
+
+impl Lanes {
+    fn is_empty(&self) -> bool {
+        self.online.is_empty() && self.bulk.is_empty()
+    }
+
+    /// The lane the next batch comes from.
+    fn next_lane(&self) -> Lane {
+        if self.online.is_empty() && !self.bulk.is_empty() {
+            Lane::Bulk
+        } else {
+            Lane::Online
+        }
+    }
+
+    fn get(&mut self, lane: Lane) -> &mut Pending {
+        match lane {
+            Lane::Online => &mut self.online,
+            Lane::Bulk => &mut self.bulk,
+        }
+    }
+}
+
 /// Forms batches for `model` until `jobs` closes and every pending row has been dispatched.
-pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored: mpsc::Sender<ScoredBatch>) {
-    let max_rows = model.batching.max_batch_rows;
-    let max_delay = Duration::from_millis(model.batching.max_delay_ms);
-    let mut pending = Pending::default();
+/// Online jobs batch by the model's profile, bulk jobs by `bulk`; a bulk batch being formed gives
+/// way as soon as an online job arrives.
+pub async fn run(
+    model: Arc<ModelVersion>,
+    bulk: BatchingSettings,
+    mut jobs: mpsc::Receiver<Job>,
+    scored: mpsc::Sender<ScoredBatch>,
+) {
+    let profile = |lane| match lane {
+        Lane::Online => (model.batching.max_batch_rows, Duration::from_millis(model.batching.max_delay_ms)),
+        Lane::Bulk => (bulk.max_batch_rows.max(1), Duration::from_millis(bulk.max_delay_ms)),
+    };
+    let mut pending = Lanes::default();
     let mut open = true;
     loop {
         if pending.is_empty() {
@@ -138,29 +178,37 @@ pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored
                 None => break,
             }
         }
-        while open && pending.rows() < max_rows {
+        while open && pending.online.rows() < model.batching.max_batch_rows {
             match jobs.try_recv() {
                 Ok(job) => admit(job, &mut pending, &scored).await,
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        let deadline = tokio::time::Instant::from_std(pending.oldest().unwrap_or_else(Instant::now) + max_delay);
+        let mut lane = pending.next_lane();
         let (session, closed_by) = loop {
-            if pending.rows() >= max_rows {
+            let (max_rows, max_delay) = profile(lane);
+            let forming = pending.get(lane);
+            if forming.rows() >= max_rows {
                 break (model.session().await, CloseReason::Size);
             }
+            let deadline = tokio::time::Instant::from_std(forming.oldest().unwrap_or_else(Instant::now) + max_delay);
             tokio::select! {
                 biased;
                 session = model.session() => break (session, if open { CloseReason::Idle } else { CloseReason::Drain }),
                 job = jobs.recv(), if open => match job {
-                    Some(job) => admit(job, &mut pending, &scored).await,
+                    Some(job) => {
+                        admit(job, &mut pending, &scored).await;
+                        lane = pending.next_lane();
+                    }
                     None => open = false,
                 },
                 _ = sleep_until(deadline) => break (model.session().await, CloseReason::Delay),
             }
         };
-        let batch = pending.take(max_rows, model.signature.n_features, closed_by);
+        // A session was awaited: an online job that arrived meanwhile still goes first.
+        let lane = pending.next_lane();
+        let batch = pending.get(lane).take(profile(lane).0, model.signature.n_features, closed_by);
         match session {
             Ok(session) => infer::spawn(model.clone(), session, batch, scored.clone()),
             Err(error) => fail(batch, error, &scored).await,
@@ -172,7 +220,7 @@ pub async fn run(model: Arc<ModelVersion>, mut jobs: mpsc::Receiver<Job>, scored
 }
 
 /// Queues `job` for a batch, unless its deadline has passed: then it is answered `expired`.
-async fn admit(job: Job, pending: &mut Pending, scored: &mpsc::Sender<ScoredBatch>) {
+async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>) {
     let now_ms = epoch_ms();
     match job.meta.deadline_ms {
         Some(deadline) if deadline < now_ms => {
@@ -186,7 +234,7 @@ async fn admit(job: Job, pending: &mut Pending, scored: &mpsc::Sender<ScoredBatc
             // The result stage outlives every batcher; a closed channel means the worker is stopping.
             let _ = scored.send(ScoredBatch::failed(batch, failure)).await;
         }
-        _ => pending.push(job),
+        _ => pending.get(job.meta.original.lane).push(job),
     }
 }
 
@@ -194,4 +242,54 @@ async fn fail(batch: Batch, error: InferenceError, scored: &mpsc::Sender<ScoredB
     let failed = ScoredBatch::failed(batch, error.into());
     // The result stage outlives every batcher; a closed channel means the worker is stopping.
     let _ = scored.send(failed).await;
+}
+
+/// One batcher per served model version, kept in step with the repository snapshot.
+pub struct Batchers {
+    routes: HashMap<u64, mpsc::Sender<Job>>,
+    scored: mpsc::Sender<ScoredBatch>,
+    capacity: usize,
+    bulk: BatchingSettings,
+    tasks: JoinSet<()>,
+}
+
+impl Batchers {
+    pub fn new(
+        repository: &Repository,
+        bulk: BatchingSettings,
+        scored: mpsc::Sender<ScoredBatch>,
+        capacity: usize,
+    ) -> Self {
+        let mut batchers = Self { routes: HashMap::new(), scored, capacity, bulk, tasks: JoinSet::new() };
+        batchers.sync(repository);
+        batchers
+    }
+
+    /// Starts a batcher for every new version and closes those of versions no longer served:
+    /// they batch what they hold, their runs finish, and their sessions go when the last job
+    /// holding the version is answered.
+    pub fn sync(&mut self, repository: &Repository) {
+        let served: HashMap<u64, &Arc<ModelVersion>> = repository.versions().map(|m| (m.id, m)).collect();
+        self.routes.retain(|id, _| served.contains_key(id));
+        for model in served.into_values() {
+            self.route(model);
+        }
+    }
+
+    /// The batcher of `model`, started if it has none: a job decoded while its version was being
+    /// retired is still scored by that version, whose batcher closes at the next sync.
+    pub fn route(&mut self, model: &Arc<ModelVersion>) -> &mpsc::Sender<Job> {
+        self.routes.entry(model.id).or_insert_with(|| {
+            let (jobs_tx, jobs_rx) = mpsc::channel(self.capacity);
+            self.tasks.spawn(run(Arc::clone(model), self.bulk, jobs_rx, self.scored.clone()));
+            jobs_tx
+        })
+    }
+
+    /// Closes every batcher and waits until each has dispatched its last batch.
+    pub async fn drain(self) {
+        let Self { routes, scored, mut tasks, .. } = self;
+        drop((routes, scored));
+        while tasks.join_next().await.is_some() {}
+    }
 }

@@ -15,7 +15,8 @@ use crate::settings::Settings;
 pub fn describe(settings: &Settings, path: &Path) -> anyhow::Result<String> {
     let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
     let session = open_session(env, path, settings.inference)
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?
+        .session;
     let mut text = String::new();
     writeln!(text, "model: {}", path.display())?;
     for (heading, outlets) in [("inputs", session.inputs()), ("outputs", session.outputs())] {
@@ -63,7 +64,7 @@ pub fn list_models(settings: &Settings) -> anyhow::Result<String> {
             if serving { "yes" } else { "no" },
             model.signature.n_features,
             outputs.join(", "),
-            "cpu",
+            model.provider.as_str(),
             model.sha256
         )?;
     }

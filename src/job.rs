@@ -1,5 +1,9 @@
 //! Job decoding and validation: AMQP body and properties → a validated request, or a typed
 //! [`JobError`] naming exactly what is wrong. Pure functions; no I/O.
+//!
+//! A job comes in one of two forms ([`Protocol`]): the native form (`rows` or `records`) or the
+//! Open Inference Protocol form (`inputs` tensors, decoded in [`crate::oip`]). Both decode into
+//! the same [`JobRequest`], and the form is kept so that the result answers in it.
 
 use std::fmt;
 
@@ -7,6 +11,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::Deserialize;
 
 use crate::engine::ModelVersion;
+use crate::oip::{self, InputsField, Tensor};
 use crate::settings::LimitSettings;
 
 pub const MAX_JOB_ID_CHARS: usize = 256;
@@ -37,6 +42,17 @@ impl ErrorCode {
     }
 }
 
+/// The wire form of a job, which its result (ok or error) answers in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// `job_id`, `model`, `rows` or `records`; results with `status` and `outputs` by name.
+    #[default]
+    Native,
+    /// Open Inference Protocol (KServe V2): `id`, `model_name`, `inputs` tensors; results with
+    /// `outputs` tensors.
+    OpenInference,
+}
+
 /// A job that cannot be scored, with what is known about it for the error result.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code:?}: {message}")]
@@ -46,11 +62,19 @@ pub struct JobError {
     pub model_version: Option<u64>,
     pub code: ErrorCode,
     pub message: String,
+    pub protocol: Protocol,
 }
 
 impl JobError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { job_id: None, model: None, model_version: None, code, message: message.into() }
+        Self {
+            job_id: None,
+            model: None,
+            model_version: None,
+            code,
+            message: message.into(),
+            protocol: Protocol::Native,
+        }
     }
 }
 
@@ -60,6 +84,9 @@ pub struct Envelope<'a> {
     pub body: &'a [u8],
     pub message_id: Option<&'a str>,
     pub content_type: Option<&'a str>,
+    /// The `x-model` header ([`oip::MODEL_HEADER`]): the model of an Open Inference Protocol job
+    /// whose body names none.
+    pub model_header: Option<&'a str>,
 }
 
 /// A decoded job, not yet checked against its model.
@@ -69,6 +96,7 @@ pub struct JobRequest {
     pub model: String,
     pub model_version: Option<u64>,
     pub features: Features,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +105,9 @@ pub enum Features {
     Rows { values: Vec<f32>, widths: Vec<usize> },
     /// Named features, one list of (name, value) per record.
     Records(Vec<Vec<(String, f32)>>),
+    /// Open Inference Protocol input tensors, all with the same rows: one `[rows, features]`
+    /// tensor or one tensor per named feature.
+    Tensors(Vec<Tensor>),
 }
 
 impl Features {
@@ -84,6 +115,7 @@ impl Features {
         match self {
             Features::Rows { widths, .. } => widths.len(),
             Features::Records(records) => records.len(),
+            Features::Tensors(tensors) => tensors.first().map_or(0, Tensor::rows),
         }
     }
 }
@@ -91,8 +123,14 @@ impl Features {
 /// Parses and checks everything that does not depend on the model.
 pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobRequest, JobError> {
     let fallback_id = envelope.message_id.filter(|id| !id.is_empty()).map(str::to_string);
+    let header_model = envelope.model_header.map(str::to_string);
+    // Until the body is read, only the x-model header tells an Open Inference Protocol job.
     let with_id = |mut e: JobError| {
         e.job_id = e.job_id.or_else(|| fallback_id.clone());
+        if header_model.is_some() {
+            e.protocol = Protocol::OpenInference;
+            e.model = e.model.or_else(|| header_model.clone());
+        }
         e
     };
     if let Some(content_type) = envelope.content_type {
@@ -139,35 +177,80 @@ pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobReque
         };
         let mut error = JobError::new(code, e.to_string());
         if code == ErrorCode::InvalidInput {
-            let ids = identify(envelope.body);
-            error.job_id = ids.0;
-            error.model = ids.1;
+            (error.job_id, error.model, error.protocol) = identify(envelope.body, envelope.model_header.is_some());
         }
         with_id(error)
     })?;
-    let job_id = body.job_id.or(fallback_id).ok_or_else(|| {
-        JobError::new(ErrorCode::InvalidInput, "job has no job_id and the message has no message_id; set one of them")
+    let protocol = if body.inputs.is_some() || envelope.model_header.is_some() {
+        Protocol::OpenInference
+    } else {
+        Protocol::Native
+    };
+    let (id_field, job_id, model) = match protocol {
+        Protocol::Native => ("job_id", body.job_id, body.model),
+        Protocol::OpenInference => {
+            let text = |field: &str, value: Option<serde_json::Value>| match value {
+                Some(serde_json::Value::String(s)) => Ok(Some(s)),
+                None => Ok(None),
+                Some(other) => Err(with_id(JobError {
+                    protocol,
+                    ..JobError::new(ErrorCode::InvalidInput, format!("{field} must be a string, found {other}"))
+                })),
+            };
+            ("id", text("id", body.id)?, text("model_name", body.model_name)?.or_else(|| header_model.clone()))
+        }
+    };
+    let job_id = job_id.or(fallback_id).ok_or_else(|| JobError {
+        protocol,
+        ..JobError::new(
+            ErrorCode::InvalidInput,
+            format!("job has no {id_field} and the message has no message_id; set one of them"),
+        )
     })?;
     let fail = |code, message: String| JobError {
         job_id: Some(job_id.clone()),
-        model: body.model.clone(),
+        model: model.clone(),
         model_version: body.model_version,
         code,
         message,
+        protocol,
     };
     if job_id.is_empty() || job_id.chars().count() > MAX_JOB_ID_CHARS {
-        return Err(fail(ErrorCode::InvalidInput, format!("job_id must have 1 to {MAX_JOB_ID_CHARS} characters")));
+        return Err(fail(ErrorCode::InvalidInput, format!("{id_field} must have 1 to {MAX_JOB_ID_CHARS} characters")));
     }
-    let Some(model) = body.model.clone() else {
-        return Err(fail(ErrorCode::InvalidInput, "job has no model; name the model to score with".into()));
+    let Some(model) = model.clone() else {
+        let message = match protocol {
+            Protocol::Native => "job has no model; name the model to score with",
+            Protocol::OpenInference => {
+                "job has no model_name and the message has no x-model header; name the model to score with"
+            }
+        };
+        return Err(fail(ErrorCode::InvalidInput, message.into()));
     };
-    let features = match (body.rows, body.records) {
-        (Some(_), Some(_)) => {
+    let native = body.rows.is_some() || body.records.is_some();
+    let features = match (protocol, body.rows, body.records, body.inputs) {
+        (Protocol::Native, Some(_), Some(_), _) => {
             return Err(fail(ErrorCode::InvalidInput, "job has both rows and records; send one of them".into()))
         }
-        (None, None) => return Err(fail(ErrorCode::InvalidInput, "job has neither rows nor records".into())),
-        (Some(rows), None) => Features::Rows { values: rows.values, widths: rows.widths },
-        (None, Some(records)) => Features::Records(records.0),
+        (Protocol::Native, None, None, _) => {
+            return Err(fail(ErrorCode::InvalidInput, "job has neither rows nor records".into()))
+        }
+        (Protocol::Native, Some(rows), None, _) => Features::Rows { values: rows.values, widths: rows.widths },
+        (Protocol::Native, None, Some(records), _) => Features::Records(records.0),
+        (Protocol::OpenInference, ..) if native => {
+            return Err(fail(
+                ErrorCode::InvalidInput,
+                "job has inputs or an x-model header (Open Inference Protocol) and also rows or records; send one \
+                 form"
+                    .into(),
+            ))
+        }
+        (Protocol::OpenInference, _, _, None) => {
+            return Err(fail(ErrorCode::InvalidInput, "job has no inputs; send at least one tensor".into()))
+        }
+        (Protocol::OpenInference, _, _, Some(inputs)) => {
+            Features::Tensors(oip::tensors(inputs).map_err(|message| fail(ErrorCode::InvalidInput, message))?)
+        }
     };
     match features.row_count() {
         0 => return Err(fail(ErrorCode::InvalidInput, "job has no rows; send at least one".into())),
@@ -179,7 +262,7 @@ pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobReque
         }
         _ => {}
     }
-    Ok(JobRequest { job_id, model, model_version: body.model_version, features })
+    Ok(JobRequest { job_id, model, model_version: body.model_version, features, protocol })
 }
 
 /// Lays the job's rows out as the model's input matrix (row-major, `rows × n_features`).
@@ -218,6 +301,7 @@ pub fn bind(features: Features, model: &ModelVersion) -> Result<Vec<f32>, String
             }
             Ok(matrix)
         }
+        Features::Tensors(tensors) => oip::lay_out(tensors, model),
     }
 }
 
@@ -233,22 +317,41 @@ struct JobBody {
     rows: Option<RowsField>,
     #[serde(default)]
     records: Option<RecordsField>,
+    // Open Inference Protocol members. `id` and `model_name` are read as any JSON value so that
+    // a native job carrying them is decoded exactly as before; they are judged only in that form.
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    model_name: Option<serde_json::Value>,
+    #[serde(default)]
+    inputs: Option<InputsField>,
 }
 
-/// Best effort job_id and model from a body that failed validation, for the error result.
-fn identify(body: &[u8]) -> (Option<String>, Option<String>) {
+/// Best effort job id, model and form of a body that failed validation, for the error result;
+/// `marked` when the message carries the x-model header.
+fn identify(body: &[u8], marked: bool) -> (Option<String>, Option<String>, Protocol) {
     #[derive(Deserialize)]
     struct Ids {
         #[serde(default)]
         job_id: Option<serde_json::Value>,
         #[serde(default)]
         model: Option<serde_json::Value>,
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+        #[serde(default)]
+        model_name: Option<serde_json::Value>,
+        #[serde(default)]
+        inputs: Option<de::IgnoredAny>,
     }
     let text = |v: Option<serde_json::Value>| match v {
         Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
-    serde_json::from_slice::<Ids>(body).map(|ids| (text(ids.job_id), text(ids.model))).unwrap_or_default()
+    match serde_json::from_slice::<Ids>(body) {
+        Ok(ids) if marked || ids.inputs.is_some() => (text(ids.id), text(ids.model_name), Protocol::OpenInference),
+        Ok(ids) => (text(ids.job_id), text(ids.model), Protocol::Native),
+        Err(_) => (None, None, Protocol::Native),
+    }
 }
 
 fn describe_json_start(body: &[u8]) -> &'static str {
@@ -452,11 +555,11 @@ mod tests {
     use super::*;
 
     fn limits() -> LimitSettings {
-        LimitSettings { max_rows_per_job: 3, max_job_bytes: 1000 }
+        LimitSettings { max_rows_per_job: 3, max_job_bytes: 1000, ..Default::default() }
     }
 
     fn decode_str(body: &str) -> Result<JobRequest, JobError> {
-        decode(Envelope { body: body.as_bytes(), message_id: None, content_type: None }, &limits())
+        decode(Envelope { body: body.as_bytes(), message_id: None, content_type: None, model_header: None }, &limits())
     }
 
     #[test]
@@ -469,7 +572,9 @@ mod tests {
     #[test]
     fn job_id_falls_back_to_message_id() {
         let body = br#"{"model":"m","rows":[[1]]}"#;
-        let job = decode(Envelope { body, message_id: Some("mid"), content_type: Some("application/json") }, &limits());
+        let envelope =
+            Envelope { body, message_id: Some("mid"), content_type: Some("application/json"), model_header: None };
+        let job = decode(envelope, &limits());
         assert_eq!(job.unwrap().job_id, "mid");
     }
 
@@ -492,7 +597,8 @@ mod tests {
         let err = decode_str(r#"{"job_id":"a","model":"m","rows":[]}"#).unwrap_err();
         assert!(err.message.contains("no rows"), "{}", err.message);
 
-        let err = decode(Envelope { body: b"{\xff}", message_id: None, content_type: None }, &limits()).unwrap_err();
+        let envelope = Envelope { body: b"{\xff}", message_id: None, content_type: None, model_header: None };
+        let err = decode(envelope, &limits()).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidJson);
     }
 

@@ -4,24 +4,29 @@
 //! # Layout
 //! Data flows one way, each stage in its own module, joined by bounded channels:
 //!
-//! - [`amqp::consumer`]: deliveries → [`job`] decode/validate → route to a batcher
+//! - [`amqp::consumer`]: deliveries → [`job`] decode/validate (native form, or the Open Inference
+//!   Protocol form in [`oip`]) → route to a batcher
 //! - [`batcher`]: one per model version; forms batches across jobs, splits large jobs
 //! - [`infer`]: runs a batch on a pooled session of the [`engine`]
 //! - [`result`]: scatters scores back to jobs, reassembles split jobs, encodes results
 //! - [`amqp::publisher`]: publishes with confirms, then acknowledges the job
 //!
-//! [`pipeline`] wires the stages and reconnects; [`worker`] starts everything; [`settings`]
+//! [`budget`] caps the rows each lane holds; [`pipeline`] wires the stages and reconnects; [`reload`] keeps the served model versions in
+//! step with the repository; [`worker`] starts everything; [`settings`]
 //! and [`telemetry`] serve all stages; [`submit`] and [`inspect`] are client commands.
 
 #![forbid(unsafe_code)]
 
 pub mod amqp;
 pub mod batcher;
+pub mod budget;
 pub mod engine;
 pub mod infer;
 pub mod inspect;
 pub mod job;
+pub mod oip;
 pub mod pipeline;
+pub mod reload;
 pub mod result;
 pub mod settings;
 pub mod submit;

@@ -2,18 +2,18 @@
 //! ack — and keeps the worker connected: a lost connection tears the stages down and they are
 //! rebuilt on a new one, with backoff. Nothing else knows all the stages.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, consumer::Consumer, AmqpError, Reply};
-use crate::batcher::{self, Segment};
+use crate::batcher::Segment;
+use crate::budget::Charge;
 use crate::engine::{Column, InferenceError, ModelVersion, Repository};
-use crate::job::ErrorCode;
+use crate::job::{ErrorCode, Protocol};
 use crate::result;
 use crate::settings::Settings;
 use crate::telemetry::{self, Health};
@@ -39,9 +39,29 @@ pub struct JobMeta {
     pub queued_for: Duration,
     /// Epoch milliseconds after which the job is answered `expired` instead of scored.
     pub deadline_ms: Option<u64>,
+    /// The wire form the job came in; its result answers in the same form.
+    pub protocol: Protocol,
     pub reply: Reply,
     /// The message as it arrived, dead-lettered if the job cannot be scored.
     pub original: Original,
+    /// The job's rows in its lane's budget, returned when the job is answered.
+    pub charge: Charge,
+}
+
+/// Where a job came from: the online lane's rows are batched before the bulk lane's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Online,
+    Bulk,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Online => "online",
+            Lane::Bulk => "bulk",
+        }
+    }
 }
 
 /// Now in epoch milliseconds, the unit of job deadlines.
@@ -54,6 +74,7 @@ pub fn epoch_ms() -> u64 {
 pub struct Original {
     pub body: Vec<u8>,
     pub properties: lapin::BasicProperties,
+    pub lane: Lane,
 }
 
 /// Why rows were not scored.
@@ -106,13 +127,19 @@ pub enum WorkerError {
     Stage(String),
 }
 
-/// Runs until `shutdown` fires, reconnecting whenever the broker connection is lost.
-pub async fn run(settings: &Settings, repository: Arc<Repository>, health: Health, shutdown: CancellationToken) {
+/// Runs until `shutdown` fires, reconnecting whenever the broker connection is lost. Jobs are
+/// scored by the versions of the latest `repository` snapshot.
+pub async fn run(
+    settings: &Settings,
+    repository: watch::Receiver<Arc<Repository>>,
+    health: Health,
+    shutdown: CancellationToken,
+) {
     let max_backoff = Duration::from_millis(settings.amqp.reconnect_max_backoff_ms.max(100));
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        let outcome = serve(settings, &repository, &health, &shutdown).await;
+        let outcome = serve(settings, repository.clone(), &health, &shutdown).await;
         health.set_broker_connected(false);
         match outcome {
             Ok(()) if shutdown.is_cancelled() => return,
@@ -135,7 +162,7 @@ pub async fn run(settings: &Settings, repository: Arc<Repository>, health: Healt
 /// One connection's worth of pipeline; returns when shutdown drained it or the broker failed.
 async fn serve(
     settings: &Settings,
-    repository: &Repository,
+    repository: watch::Receiver<Arc<Repository>>,
     health: &Health,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
@@ -150,18 +177,12 @@ async fn serve(
     let capacity = usize::from(settings.amqp.prefetch);
     let (publish_tx, publish_rx) = mpsc::channel(capacity);
     let (scored_tx, scored_rx) = mpsc::channel(settings.inference.sessions.max(2));
-    let mut stages = JoinSet::new();
-    let mut routes = HashMap::new();
-    for model in repository.versions() {
-        let (jobs_tx, jobs_rx) = mpsc::channel(capacity);
-        routes.insert((model.name.clone(), model.version), jobs_tx);
-        stages.spawn(batcher::run(Arc::clone(model), jobs_rx, scored_tx.clone()));
-    }
-    drop(scored_tx);
-    stages.spawn(result::run(scored_rx, publish_tx.clone()));
+    // In a JoinSet so that leaving early (a broker failure) stops the stage.
+    let mut results = JoinSet::new();
+    results.spawn(result::run(scored_rx, publish_tx.clone()));
     let mut publisher = tokio::spawn(amqp::publisher::run(publish_channel, settings.amqp.clone(), publish_rx));
 
-    let consumer = Consumer::new(settings, repository, routes, publish_tx);
+    let consumer = Consumer::new(settings, repository, scored_tx, publish_tx);
     let consumed = tokio::select! {
         consumed = consumer.run(&consume_channel, shutdown) => consumed,
         published = &mut publisher => {
@@ -172,11 +193,13 @@ async fn serve(
             });
         }
     };
-    consumed?;
-    // The consumer dropped its senders: batchers flush, runs finish, results publish, jobs ack.
+    let batchers = consumed?;
+    // The consumer stopped: batchers flush, runs finish, results publish, jobs ack.
     tracing::debug!("consumer stopped; draining");
     let drain = async {
-        while stages.join_next().await.is_some() {}
+        batchers.drain().await;
+        // Runs in flight hold the last senders to the result stage; it ends after them.
+        while results.join_next().await.is_some() {}
         tracing::debug!("batchers and result stage stopped");
         publisher.await
     };

@@ -30,6 +30,8 @@ pub struct Settings {
     pub models: ModelSettings,
     #[serde(default)]
     pub batching: BatchingSettings,
+    #[serde(default = "BatchingSettings::bulk")]
+    pub bulk_batching: BatchingSettings,
     #[serde(default)]
     pub limits: LimitSettings,
     #[serde(default)]
@@ -50,12 +52,16 @@ pub struct Settings {
 pub struct AmqpSettings {
     /// AMQP URI, `amqp://` or `amqps://` (credentials and vhost included).
     pub url: String,
-    /// Queue the worker consumes jobs from.
+    /// Queue of the online lane: jobs whose rows are batched first.
     pub jobs_queue: String,
+    /// Queue of the bulk lane (empty: no bulk lane); its rows run when the online lane has none.
+    pub bulk_queue: String,
     /// Queue that receives results of jobs without a `reply_to`.
     pub results_queue: String,
-    /// Unacknowledged jobs the broker may hand this worker at once.
+    /// Unacknowledged online jobs the broker may hand this worker at once.
     pub prefetch: u16,
+    /// Unacknowledged bulk jobs the broker may hand this worker at once.
+    pub bulk_prefetch: u16,
     /// Declare the topology at start-up; `false` only checks that it exists.
     pub declare_queues: bool,
     /// Deliveries of one job before the broker dead-letters it instead (quorum `x-delivery-limit`).
@@ -78,8 +84,10 @@ impl Default for AmqpSettings {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             jobs_queue: "scoring.jobs".into(),
+            bulk_queue: String::new(),
             results_queue: "scoring.results".into(),
             prefetch: 256,
+            bulk_prefetch: 8,
             declare_queues: true,
             delivery_limit: 5,
             dead_letter_exchange: "scoring.dlx".into(),
@@ -97,11 +105,14 @@ impl Default for AmqpSettings {
 pub struct ModelSettings {
     /// Model repository: `<repository>/<model>/<version>/model.onnx`.
     pub repository: PathBuf,
+    /// How often the repository is checked for new, replaced and removed versions; 0 turns polling
+    /// off (SIGHUP still reloads).
+    pub poll_interval_ms: u64,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
-        Self { repository: PathBuf::from("models") }
+        Self { repository: PathBuf::from("models"), poll_interval_ms: 10_000 }
     }
 }
 
@@ -121,17 +132,26 @@ impl Default for BatchingSettings {
     }
 }
 
+impl BatchingSettings {
+    /// The bulk lane's defaults: larger runs, and more patience to fill them.
+    pub fn bulk() -> Self {
+        Self { max_batch_rows: 4096, max_delay_ms: 50 }
+    }
+}
+
 /// Per-job limits; a job beyond them is answered with `too_large`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitSettings {
     pub max_rows_per_job: usize,
     pub max_job_bytes: usize,
+    /// Rows decoded and not yet answered, per lane; beyond it the lane takes no new delivery.
+    pub max_inflight_rows: usize,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { max_rows_per_job: 100_000, max_job_bytes: 16 * 1024 * 1024 }
+        Self { max_rows_per_job: 100_000, max_job_bytes: 16 * 1024 * 1024, max_inflight_rows: 100_000 }
     }
 }
 
@@ -143,12 +163,63 @@ pub struct InferenceSettings {
     pub sessions: usize,
     /// Threads inside one run; 0 lets ONNX Runtime use one per core.
     pub intra_threads: usize,
+    /// Where models run unless their config.yaml says otherwise.
+    pub execution_provider: ExecutionProvider,
+    /// GPU used by the CUDA execution provider.
+    pub cuda_device_id: i32,
+    /// Cap on the CUDA memory arena of one session, in MiB; 0: no cap.
+    pub cuda_memory_limit_mb: u64,
+    /// What happens when a model's execution provider cannot be registered.
+    pub on_provider_unavailable: ProviderUnavailable,
+    /// `noop` answers every row with zeros of the model's output shapes without running it: the
+    /// worker's and broker's own cost, for benchmarks. Never for real traffic.
+    pub engine: Engine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    OnnxRuntime,
+    Noop,
 }
 
 impl Default for InferenceSettings {
     fn default() -> Self {
-        Self { sessions: 1, intra_threads: 0 }
+        Self {
+            sessions: 1,
+            intra_threads: 0,
+            execution_provider: ExecutionProvider::Cpu,
+            cuda_device_id: 0,
+            cuda_memory_limit_mb: 0,
+            on_provider_unavailable: ProviderUnavailable::Fail,
+            engine: Engine::OnnxRuntime,
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    Cpu,
+    Cuda,
+}
+
+impl ExecutionProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderUnavailable {
+    /// The model does not load: the worker refuses to start (or a reload keeps the old version).
+    Fail,
+    /// The model runs on the CPU; a warning is logged and `batchscore_model_info` says `provider="cpu"`.
+    Cpu,
 }
 
 /// Where the ONNX Runtime shared library is.
@@ -250,6 +321,18 @@ impl Settings {
         if self.amqp.prefetch == 0 {
             return invalid("amqp.prefetch", "must be at least 1 (0 would mean unlimited)");
         }
+        if self.amqp.bulk_prefetch == 0 {
+            return invalid("amqp.bulk_prefetch", "must be at least 1 (0 would mean unlimited)");
+        }
+        if self.amqp.bulk_queue == self.amqp.jobs_queue {
+            return invalid("amqp.bulk_queue", "must differ from amqp.jobs_queue (or be empty: no bulk lane)");
+        }
+        if self.bulk_batching.max_batch_rows == 0 {
+            return invalid("bulk_batching.max_batch_rows", "must be at least 1");
+        }
+        if self.limits.max_inflight_rows == 0 {
+            return invalid("limits.max_inflight_rows", "must be at least 1");
+        }
         if self.batching.max_batch_rows == 0 {
             return invalid("batching.max_batch_rows", "must be at least 1");
         }
@@ -261,6 +344,9 @@ impl Settings {
         }
         if self.inference.sessions == 0 {
             return invalid("inference.sessions", "must be at least 1");
+        }
+        if self.inference.cuda_device_id < 0 {
+            return invalid("inference.cuda_device_id", "must be 0 or more");
         }
         if self.metrics_addr().is_err() {
             return invalid("metrics.listen", "must be host:port, e.g. 0.0.0.0:9464 (port 0 picks a free port)");

@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::batcher::CloseReason;
 use crate::job::ErrorCode;
+use crate::pipeline::Lane;
 use crate::settings::{LogFormat, LoggingSettings};
 
 pub const JOBS_RECEIVED: &str = "batchscore_jobs_received_total";
@@ -38,8 +39,6 @@ pub const MODEL_INFO: &str = "batchscore_model_info";
 pub const BROKER_CONNECTED: &str = "batchscore_broker_connected";
 pub const READY: &str = "batchscore_ready";
 
-/// The lane a job came in on; one lane (the jobs queue) today.
-pub const ONLINE_LANE: &str = "online";
 /// `model` label of jobs whose model is not in the repository: keeps the label set bounded.
 pub const UNKNOWN_MODEL_LABEL: &str = "unknown";
 
@@ -100,15 +99,18 @@ fn describe() {
     describe_gauge!(INFLIGHT_ROWS, "Rows of jobs received and not yet acknowledged.");
     describe_gauge!(SESSIONS_BUSY, "ONNX Runtime sessions running a batch, by model and version.");
     describe_gauge!(SESSIONS_IDLE, "ONNX Runtime sessions waiting for a batch, by model and version.");
-    describe_gauge!(MODEL_INFO, "1 for every model version loaded, with the sha256 of its file.");
+    describe_gauge!(
+        MODEL_INFO,
+        "1 for every model version serving, 0 once retired; with the sha256 of its file and its execution provider."
+    );
     describe_gauge!(BROKER_CONNECTED, "1 while connected to RabbitMQ.");
     describe_gauge!(READY, "1 while the worker is ready to take jobs (what /readyz reports).");
 }
 
-pub fn record_job_received(model: &str, queue_wait: Option<Duration>) {
-    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => ONLINE_LANE).increment(1);
+pub fn record_job_received(model: &str, lane: Lane, queue_wait: Option<Duration>) {
+    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => lane.as_str()).increment(1);
     if let Some(wait) = queue_wait {
-        histogram!(QUEUE_WAIT, "lane" => ONLINE_LANE).record(wait.as_secs_f64());
+        histogram!(QUEUE_WAIT, "lane" => lane.as_str()).record(wait.as_secs_f64());
     }
 }
 
@@ -117,12 +119,12 @@ pub fn record_job_error(code: ErrorCode) {
 }
 
 /// A job answered; `model` must be a repository name or [`UNKNOWN_MODEL_LABEL`].
-pub fn record_job_done(model: &str, status: &'static str, rows: usize, duration: Duration) {
-    counter!(JOBS_COMPLETED, "model" => model.to_string(), "lane" => ONLINE_LANE, "status" => status).increment(1);
+pub fn record_job_done(model: &str, lane: Lane, status: &'static str, rows: usize, duration: Duration) {
+    counter!(JOBS_COMPLETED, "model" => model.to_string(), "lane" => lane.as_str(), "status" => status).increment(1);
     if status == "ok" {
         counter!(ROWS_SCORED, "model" => model.to_string()).increment(rows as u64);
     }
-    histogram!(JOB_DURATION, "model" => model.to_string(), "lane" => ONLINE_LANE).record(duration.as_secs_f64());
+    histogram!(JOB_DURATION, "model" => model.to_string(), "lane" => lane.as_str()).record(duration.as_secs_f64());
 }
 
 pub fn record_batch_wait(model: &str, wait: Duration) {
@@ -144,11 +146,20 @@ pub fn record_sessions(model: &str, version: u64, busy: usize, idle: usize) {
     gauge!(SESSIONS_IDLE, "model" => model.to_string(), "version" => version).set(idle as f64);
 }
 
-pub fn record_model_loaded(model: &str, version: u64, sha256: &str) {
-    gauge!(MODEL_INFO, "model" => model.to_string(), "version" => version.to_string(), "sha256" => sha256.to_string())
-        .set(1.0);
+pub fn record_model_loaded(model: &str, version: u64, sha256: &str, provider: &str) {
+    model_info(model, version, sha256, provider).set(1.0);
     // Present from the start, so a rate over it works before the first failure.
     counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).absolute(0);
+}
+
+/// A version no longer serves new jobs (removed, replaced or outside its version policy).
+pub fn record_model_retired(model: &str, version: u64, sha256: &str, provider: &str) {
+    model_info(model, version, sha256, provider).set(0.0);
+}
+
+fn model_info(model: &str, version: u64, sha256: &str, provider: &str) -> metrics::Gauge {
+    gauge!(MODEL_INFO, "model" => model.to_string(), "version" => version.to_string(),
+        "sha256" => sha256.to_string(), "provider" => provider.to_string())
 }
 
 pub fn record_model_load_failure(model: &str) {

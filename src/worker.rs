@@ -1,16 +1,18 @@
 //! The `worker` command: loads ONNX Runtime and every model, opens the metrics listener, then
-//! runs the pipeline until shutdown.
+//! runs the pipeline, and the model reloads, until shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ort::environment::Environment;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::runtime::{self, RuntimeError};
 use crate::engine::{repository::RepositoryError, Repository};
-use crate::pipeline;
 use crate::settings::Settings;
 use crate::telemetry::{self, Health};
+use crate::{pipeline, reload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -25,6 +27,7 @@ pub enum StartError {
 /// A worker whose models are loaded and whose endpoints are up, ready to consume.
 pub struct Worker {
     settings: Settings,
+    env: &'static Environment,
     repository: Arc<Repository>,
     health: Health,
     pub metrics_addr: SocketAddr,
@@ -50,7 +53,7 @@ impl Worker {
         let metrics_addr =
             telemetry::serve(addr, health.clone()).await.map_err(|source| StartError::Metrics { addr, source })?;
         tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
-        Ok(Self { settings, repository: Arc::new(repository), health, metrics_addr })
+        Ok(Self { settings, env, repository: Arc::new(repository), health, metrics_addr })
     }
 
     pub fn repository(&self) -> &Repository {
@@ -59,7 +62,10 @@ impl Worker {
 
     /// Consumes until `shutdown` fires and in-flight jobs are drained.
     pub async fn run(self, shutdown: CancellationToken) {
-        pipeline::run(&self.settings, self.repository, self.health, shutdown).await;
+        let (snapshots, repository) = watch::channel(self.repository);
+        let reloads = tokio::spawn(reload::run(self.env, self.settings.clone(), snapshots, shutdown.clone()));
+        pipeline::run(&self.settings, repository, self.health, shutdown).await;
+        reloads.abort();
     }
 }
 

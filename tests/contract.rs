@@ -42,7 +42,19 @@ fn schemas_reject_what_the_worker_rejects() {
     let jobs = validator("job.schema.json");
     assert!(!jobs.is_valid(&serde_json::json!({"job_id": "a", "model": "m"})), "neither rows nor records");
     assert!(!jobs.is_valid(&serde_json::json!({"job_id": "a", "model": "m", "rows": []})), "empty rows");
+    let tensor = serde_json::json!({"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1]});
+    assert!(jobs.is_valid(&serde_json::json!({"id": "a", "model_name": "m", "inputs": [tensor]})));
+    assert!(!jobs.is_valid(&serde_json::json!({"id": "a", "model_name": "m", "inputs": []})), "no inputs");
+    let bytes = serde_json::json!({"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]});
+    assert!(!jobs.is_valid(&serde_json::json!({"id": "a", "inputs": [bytes]})), "unsupported datatype");
+    let both = serde_json::json!({"job_id": "a", "model": "m", "rows": [[1]], "inputs": [tensor]});
+    assert!(!jobs.is_valid(&both), "native and protocol input together");
     let results = validator("result.schema.json");
     assert!(!results
         .is_valid(&serde_json::json!({"job_id": "a", "status": "error", "error": {"code": "nope", "message": "x"}})));
+    let protocol_error = serde_json::json!({"error": "x", "parameters": {"status": "error", "code": "nope"}});
+    assert!(!results.is_valid(&protocol_error), "unknown code in a protocol error response");
+    let parameters = serde_json::json!({"status": "error", "code": "internal"});
+    let mixed = serde_json::json!({"id": "a", "status": "error", "error": "x", "parameters": parameters});
+    assert!(!results.is_valid(&mixed), "native status in a protocol error response");
 }

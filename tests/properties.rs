@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use batchscore::amqp::Reply;
 use batchscore::batcher::{CloseReason, Pending};
+use batchscore::budget::RowBudget;
 use batchscore::engine::model::ModelConfig;
 use batchscore::engine::outputs::{Column, ColumnData};
 use batchscore::engine::ModelVersion;
-use batchscore::pipeline::{Job, JobMeta, Original};
+use batchscore::pipeline::{Job, JobMeta, Lane, Original};
 use batchscore::settings::{BatchingSettings, InferenceSettings};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -89,8 +90,10 @@ fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Jo
         received_at: Instant::now(),
         queued_for: std::time::Duration::ZERO,
         deadline_ms: None,
+        protocol: batchscore::job::Protocol::Native,
         reply,
-        original: Original { body: Vec::new(), properties: lapin::BasicProperties::default() },
+        original: Original { body: Vec::new(), properties: lapin::BasicProperties::default(), lane: Lane::Online },
+        charge: RowBudget::new(usize::MAX).charge(rows),
     };
     Job { meta: Arc::new(meta), inputs }
 }

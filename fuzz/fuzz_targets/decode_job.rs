@@ -16,7 +16,7 @@ const LIMITS: LimitSettings = LimitSettings { max_rows_per_job: 1000, max_job_by
 
 fuzz_target!(|data: &[u8]| {
     let (message_id, content_type, body) = envelope_parts(data);
-    let envelope = Envelope { body, message_id, content_type };
+    let envelope = Envelope { body, message_id, content_type, model_header: None };
     match decode(envelope, &LIMITS) {
         Ok(job) => {
             let rows = job.features.row_count();
@@ -32,6 +32,14 @@ fuzz_target!(|data: &[u8]| {
                 Features::Records(records) => {
                     let finite = records.iter().flatten().all(|(_, v)| v.is_finite());
                     assert!(finite, "non-finite value in records: {records:?}");
+                }
+                Features::Tensors(tensors) => {
+                    for tensor in tensors {
+                        let capacity: usize = tensor.shape.iter().product();
+                        assert_eq!(capacity, tensor.values.len(), "shape {:?} does not match the values", tensor.shape);
+                        assert_eq!(tensor.rows(), rows, "tensor {} disagrees on rows", tensor.name);
+                        assert!(tensor.values.iter().all(|v| v.is_finite()), "non-finite value in {}", tensor.name);
+                    }
                 }
             }
         }

@@ -7,6 +7,7 @@ use lapin::options::{BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::pipeline::Lane;
 use crate::settings::AmqpSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -87,11 +88,22 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
         ("x-dead-letter-strategy", AMQPValue::LongString("at-least-once".into())),
         ("x-overflow", AMQPValue::LongString("reject-publish".into())),
     ]);
-    let jobs_queue = settings.jobs_queue.as_str();
-    channel.queue_declare(jobs_queue.into(), durable, jobs).await.map_err(queue_error(jobs_queue))?;
+    for lane in [settings.jobs_queue.as_str(), settings.bulk_queue.as_str()] {
+        if !lane.is_empty() {
+            channel.queue_declare(lane.into(), durable, jobs.clone()).await.map_err(queue_error(lane))?;
+        }
+    }
     let results = settings.results_queue.as_str();
     channel.queue_declare(results.into(), durable, quorum(&[])).await.map_err(queue_error(results))?;
     Ok(())
+}
+
+/// The queue a lane consumes.
+pub fn lane_queue(settings: &AmqpSettings, lane: Lane) -> &str {
+    match lane {
+        Lane::Online => &settings.jobs_queue,
+        Lane::Bulk => &settings.bulk_queue,
+    }
 }
 
 pub async fn consumer_channel(connection: &Connection, prefetch: u16) -> Result<Channel, AmqpError> {

@@ -106,7 +106,10 @@ async fn publish_dead_letter(
     let mut headers = dead_letter.original.properties.headers().clone().unwrap_or_default();
     headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(dead_letter.failure.code.as_str().into()));
     headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(dead_letter.failure.message.as_str().into()));
-    headers.insert(ORIGINAL_QUEUE_HEADER.into(), AMQPValue::LongString(settings.jobs_queue.as_str().into()));
+    headers.insert(
+        ORIGINAL_QUEUE_HEADER.into(),
+        AMQPValue::LongString(super::lane_queue(settings, dead_letter.original.lane).into()),
+    );
     // A fresh set of properties: the original's expiration would let the copy expire in the queue.
     let original = &dead_letter.original.properties;
     let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
@@ -128,7 +131,7 @@ async fn publish_dead_letter(
     Ok(channel
         .basic_publish(
             settings.dead_letter_exchange.as_str().into(),
-            settings.jobs_queue.as_str().into(),
+            super::lane_queue(settings, dead_letter.original.lane).into(),
             BasicPublishOptions::default(),
             &dead_letter.original.body,
             properties,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool::unmanaged::{Object, Pool};
 use ort::session::Session;
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::outputs::{Column, ColumnData, Element, MapKeyType, MapRow, OutputKind};
-use crate::settings::{BatchingSettings, InferenceSettings};
+use crate::settings::{BatchingSettings, Engine, ExecutionProvider, InferenceSettings, ProviderUnavailable};
 
 /// `<model>/config.yaml`: everything optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -24,6 +25,60 @@ pub struct ModelConfig {
     pub outputs: Option<Vec<String>>,
     #[serde(default)]
     pub batching: BatchingOverride,
+    /// Which versions on disk are served (default: all).
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    /// Overrides of `inference.execution_provider`, `cuda_device_id` and `cuda_memory_limit_mb`.
+    pub execution_provider: Option<ExecutionProvider>,
+    pub cuda_device_id: Option<i32>,
+    pub cuda_memory_limit_mb: Option<u64>,
+}
+
+impl ModelConfig {
+    /// The worker's inference settings with this model's provider overrides applied.
+    pub fn inference(&self, defaults: InferenceSettings) -> InferenceSettings {
+        InferenceSettings {
+            execution_provider: self.execution_provider.unwrap_or(defaults.execution_provider),
+            cuda_device_id: self.cuda_device_id.unwrap_or(defaults.cuda_device_id),
+            cuda_memory_limit_mb: self.cuda_memory_limit_mb.unwrap_or(defaults.cuda_memory_limit_mb),
+            ..defaults
+        }
+    }
+}
+
+/// `version_policy` in config.yaml: `all`, `{latest: N}` (the N highest versions) or
+/// `{specific: [1, 3]}`. Jobs that pin a version outside the policy get `unknown_model`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged, expecting = "version_policy must be all, {latest: N} or {specific: [versions]}")]
+pub enum VersionPolicy {
+    Latest { latest: usize },
+    Specific { specific: Vec<u64> },
+    All(AllVersions),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllVersions {
+    All,
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::All(AllVersions::All)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of `available`, sorted ascending.
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        let mut sorted = available.to_vec();
+        sorted.sort_unstable();
+        match self {
+            VersionPolicy::All(_) => sorted,
+            VersionPolicy::Latest { latest } => sorted.split_off(sorted.len().saturating_sub(*latest)),
+            VersionPolicy::Specific { specific } => sorted.into_iter().filter(|v| specific.contains(v)).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -77,6 +132,9 @@ pub struct Signature {
 }
 
 pub struct ModelVersion {
+    /// Unique to this load within the process: a file replaced under the same version number
+    /// loads with a new id, so its batches never mix with the old file's.
+    pub id: u64,
     pub name: String,
     pub version: u64,
     pub path: PathBuf,
@@ -89,6 +147,9 @@ pub struct ModelVersion {
     pub feature_names: Option<Vec<String>>,
     pub feature_index: HashMap<String, usize>,
     pub batching: BatchingSettings,
+    /// The execution provider the sessions run on (CPU after a permitted fallback from CUDA).
+    pub provider: ExecutionProvider,
+    engine: Engine,
     sessions: Pool<Session>,
 }
 
@@ -101,7 +162,8 @@ impl std::fmt::Debug for ModelVersion {
 pub type PooledSession = Object<Session>;
 
 impl ModelVersion {
-    /// Builds `inference.sessions` sessions for `path` and checks the signature against `config`.
+    /// Builds `inference.sessions` sessions for `path`, checks the signature against `config`
+    /// and warms every session up with one run, so the first job does not pay for it.
     pub fn load(
         env: &ort::environment::Environment,
         name: &str,
@@ -119,9 +181,13 @@ impl ModelVersion {
         };
         let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read the model file: {e}")))?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let inference = config.inference(inference);
         let mut sessions = Vec::with_capacity(inference.sessions);
+        let mut provider = inference.execution_provider;
         for _ in 0..inference.sessions {
-            sessions.push(open_session(env, path, inference).map_err(|e| invalid(e.to_string()))?);
+            let opened = open_session(env, path, inference).map_err(invalid)?;
+            provider = opened.provider;
+            sessions.push(opened.session);
         }
         let signature = read_signature(&sessions[0], config.features.as_ref().map(Vec::len)).map_err(invalid)?;
         if let Some(features) = &config.features {
@@ -149,7 +215,9 @@ impl ModelVersion {
             }
         };
         let feature_index = config.features.iter().flatten().enumerate().map(|(i, f)| (f.clone(), i)).collect();
-        Ok(Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let mut model = Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             version,
             path: path.to_path_buf(),
@@ -160,8 +228,16 @@ impl ModelVersion {
             feature_names: config.features.clone(),
             feature_index,
             batching: config.batching.apply(batching),
-            sessions: Pool::from(sessions),
-        })
+            provider,
+            engine: inference.engine,
+            sessions: Pool::from(Vec::new()),
+        };
+        let zeros = vec![0.0; model.signature.n_features];
+        for session in &mut sessions {
+            model.run(session, &zeros, 1).map_err(|e| invalid(format!("the warm-up run failed: {e}")))?;
+        }
+        model.sessions = Pool::from(sessions);
+        Ok(model)
     }
 
     /// Sessions running a batch and sessions free.
@@ -177,6 +253,9 @@ impl ModelVersion {
 
     /// Runs one batch (`rows × n_features`, row-major) and returns the published outputs.
     pub fn run(&self, session: &mut Session, inputs: &[f32], rows: usize) -> Result<Vec<Column>, InferenceError> {
+        if self.engine == Engine::Noop {
+            return Ok(self.published.iter().map(|spec| Column::zeros(&spec.name, &spec.kind, rows)).collect());
+        }
         let tensor = TensorRef::from_array_view(([rows, self.signature.n_features], inputs))?;
         let mut outputs = session.run(ort::inputs![self.signature.input_name.as_str() => tensor])?;
         let mut columns = Vec::with_capacity(self.published.len());
@@ -198,17 +277,54 @@ impl ModelVersion {
     }
 }
 
+/// A session and the execution provider it runs on.
+pub struct OpenedSession {
+    pub session: Session,
+    pub provider: ExecutionProvider,
+}
+
+/// Opens `path` on the configured execution provider. CUDA is registered with
+/// `error_on_failure`, so an unavailable GPU is noticed here, not as a silent CPU run.
 pub fn open_session(
     env: &ort::environment::Environment,
     path: &Path,
     inference: InferenceSettings,
-) -> Result<Session, ort::Error> {
-    let mut builder = Session::builder(env)?.with_inter_threads(1).map_err(ort::Error::<()>::from)?;
+) -> Result<OpenedSession, String> {
+    let text = |e: ort::Error| e.to_string();
+    let mut builder =
+        Session::builder(env).map_err(text)?.with_inter_threads(1).map_err(|e| text(ort::Error::<()>::from(e)))?;
     if inference.intra_threads > 0 {
-        builder = builder.with_intra_threads(inference.intra_threads).map_err(ort::Error::<()>::from)?;
+        builder = builder.with_intra_threads(inference.intra_threads).map_err(|e| text(ort::Error::<()>::from(e)))?;
     }
-    builder.commit_from_file(path)
+    let provider = match inference.execution_provider {
+        ExecutionProvider::Cpu => ExecutionProvider::Cpu,
+        ExecutionProvider::Cuda => {
+            let mut cuda = ort::ep::CUDA::default().with_device_id(inference.cuda_device_id);
+            if inference.cuda_memory_limit_mb > 0 {
+                cuda = cuda.with_memory_limit((inference.cuda_memory_limit_mb as usize).saturating_mul(1 << 20));
+            }
+            match builder.with_execution_providers([cuda.build().error_on_failure()]) {
+                Ok(with_cuda) => {
+                    builder = with_cuda;
+                    ExecutionProvider::Cuda
+                }
+                Err(error) if inference.on_provider_unavailable == ProviderUnavailable::Cpu => {
+                    tracing::warn!(path = %path.display(), %error,
+                        "the CUDA execution provider is unavailable; running on the CPU (inference.on_provider_unavailable: cpu)");
+                    builder = error.recover();
+                    ExecutionProvider::Cpu
+                }
+                Err(error) => return Err(format!("{CUDA_UNAVAILABLE}: {error}")),
+            }
+        }
+    };
+    let session = builder.commit_from_file(path).map_err(text)?;
+    Ok(OpenedSession { session, provider })
 }
+
+const CUDA_UNAVAILABLE: &str = "the CUDA execution provider is unavailable (install the GPU build of ONNX Runtime, \
+    onnxruntime-gpu==1.31.1 with CUDA 13 and cuDNN 9, as docs/GPU.md describes, \
+    or set inference.on_provider_unavailable: cpu to run on the CPU instead)";
 
 /// Accepts exactly one float input `[batch, features]`; the feature count comes from the model,
 /// or from config.yaml when the model leaves that dimension open.

@@ -72,6 +72,28 @@ impl Column {
         values / self.row_len.max(1)
     }
 
+    /// Zeros (empty maps, empty strings) for `rows` rows of an output of `kind`; open dimensions
+    /// count as 1. What the no-op engine answers.
+    pub fn zeros(name: &str, kind: &OutputKind, rows: usize) -> Column {
+        let (row_shape, data) = match kind {
+            OutputKind::Tensor { element, row_shape } => {
+                let row_shape: Vec<usize> = row_shape.iter().map(|&d| d.max(1)).collect();
+                let n = rows * row_shape.iter().product::<usize>();
+                let data = match element {
+                    Element::F32 => ColumnData::F32(vec![0.0; n]),
+                    Element::F64 => ColumnData::F64(vec![0.0; n]),
+                    Element::I64 => ColumnData::I64(vec![0; n]),
+                    Element::I32 => ColumnData::I32(vec![0; n]),
+                    Element::Bool => ColumnData::Bool(vec![false; n]),
+                    Element::Str => ColumnData::Str(vec![String::new(); n]),
+                };
+                (row_shape, data)
+            }
+            OutputKind::MapSequence { .. } => (Vec::new(), ColumnData::Maps(vec![MapRow::Empty; rows])),
+        };
+        Column { name: name.to_string(), row_len: row_shape.iter().product::<usize>().max(1), row_shape, data }
+    }
+
     /// An empty column of `rows` rows, shaped like `self`, for reassembling a split job.
     pub fn empty_like(&self, rows: usize) -> Column {
         let n = rows * self.row_len;

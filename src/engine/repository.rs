@@ -1,12 +1,18 @@
 //! The model repository on disk (`<repository>/<model>/<version>/model.onnx` plus an optional
 //! `<model>/config.yaml`) and the lookup of the version that serves a job.
+//!
+//! A [`Repository`] is an immutable snapshot. [`Repository::reload`] builds the next snapshot
+//! from the disk, reusing every version whose files did not change, so a reload only pays for
+//! what is new.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::model::{ModelConfig, ModelError, ModelVersion};
 use crate::settings::Settings;
+use crate::telemetry;
 
 pub const MODEL_FILE: &str = "model.onnx";
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -32,44 +38,121 @@ pub enum LookupError {
     UnknownVersion { model: String, version: u64, available: String },
 }
 
-/// Every loaded version of every model, immutable once built.
-#[derive(Debug, Default)]
-pub struct Repository {
-    models: BTreeMap<String, BTreeMap<u64, Arc<ModelVersion>>>,
+/// Size and modification time of a version's model file and of its model's config.yaml: when
+/// neither changed, the loaded version is still what the disk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    model: (u64, Option<SystemTime>),
+    config: Option<(u64, Option<SystemTime>)>,
 }
 
+impl Stamp {
+    fn of(model_file: &Path, config_file: &Path) -> Option<Self> {
+        let read = |path: &Path| std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()));
+        Some(Self { model: read(model_file)?, config: read(config_file) })
+    }
+}
+
+/// A version as found on disk.
+struct Candidate {
+    name: String,
+    version: u64,
+    file: PathBuf,
+    config: Arc<ModelConfig>,
+    stamp: Stamp,
+}
+
+/// Every served version of every model.
+#[derive(Debug, Default)]
+pub struct Repository {
+    models: BTreeMap<String, BTreeMap<u64, Served>>,
+}
+
+#[derive(Debug, Clone)]
+struct Served {
+    model: Arc<ModelVersion>,
+    stamp: Stamp,
+}
+
+/// Versions that failed to load, by their files' stamp: they are retried only once changed.
+pub type Refused = HashMap<(String, u64), Stamp>;
+
 impl Repository {
-    /// Loads every version found under `settings.models.repository`.
+    /// Loads every version the models' version policies select; any failure is an error.
     pub fn load(env: &ort::environment::Environment, settings: &Settings) -> Result<Self, RepositoryError> {
-        let root = &settings.models.repository;
-        let mut models = BTreeMap::new();
-        for (name, dir) in subdirectories(root)? {
-            let config = read_config(&dir)?;
-            let mut versions = BTreeMap::new();
-            for (version_name, version_dir) in subdirectories(&dir)? {
-                let Ok(version) = version_name.parse::<u64>() else { continue };
-                let file = version_dir.join(MODEL_FILE);
-                if !file.is_file() {
-                    continue;
-                }
-                let model =
-                    ModelVersion::load(env, &name, version, &file, &config, settings.inference, settings.batching)
-                        .inspect_err(|_| crate::telemetry::record_model_load_failure(&name))?;
-                tracing::info!(model = %name, version, path = %file.display(), sha256 = %model.sha256,
-                    features = model.signature.n_features, "model loaded");
-                crate::telemetry::record_model_loaded(&name, version, &model.sha256);
-                let (busy, idle) = model.session_usage();
-                crate::telemetry::record_sessions(&name, version, busy, idle);
-                versions.insert(version, Arc::new(model));
-            }
-            if !versions.is_empty() {
-                models.insert(name, versions);
-            }
+        let mut models: BTreeMap<String, BTreeMap<u64, Served>> = BTreeMap::new();
+        for candidate in scan(&settings.models.repository)? {
+            let model = load_version(env, settings, &candidate)?;
+            let served = Served { model, stamp: candidate.stamp };
+            models.entry(candidate.name).or_default().insert(candidate.version, served);
         }
         if models.is_empty() {
-            return Err(RepositoryError::Empty(root.clone()));
+            return Err(RepositoryError::Empty(settings.models.repository.clone()));
         }
         Ok(Self { models })
+    }
+
+    /// The next snapshot, or `None` when nothing changed. A version that fails to load is logged,
+    /// counted in `batchscore_model_load_failures_total` and left out, while the version it would
+    /// have replaced keeps serving. A repository that cannot be read keeps the current snapshot.
+    pub fn reload(
+        &self,
+        env: &ort::environment::Environment,
+        settings: &Settings,
+        refused: &mut Refused,
+    ) -> Result<Option<Self>, RepositoryError> {
+        let candidates = scan(&settings.models.repository)?;
+        let mut models: BTreeMap<String, BTreeMap<u64, Served>> = BTreeMap::new();
+        let mut changed = false;
+        for candidate in candidates {
+            let current = self.models.get(&candidate.name).and_then(|v| v.get(&candidate.version));
+            let key = (candidate.name.clone(), candidate.version);
+            let served = match current {
+                Some(served) if served.stamp == candidate.stamp => Some(served.clone()),
+                _ if refused.get(&key) == Some(&candidate.stamp) => current.cloned(),
+                _ => match load_version(env, settings, &candidate) {
+                    Ok(model) => {
+                        refused.remove(&key);
+                        match current {
+                            // Same bytes under a new timestamp: the loaded version stays.
+                            Some(served) if served.model.sha256 == model.sha256 => {
+                                changed = true;
+                                Some(Served { model: Arc::clone(&served.model), stamp: candidate.stamp })
+                            }
+                            _ => {
+                                changed = true;
+                                Some(Served { model, stamp: candidate.stamp })
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(model = %candidate.name, version = candidate.version, %error,
+                            serving = current.map(|s| s.model.sha256.as_str()).unwrap_or("nothing"),
+                            "model version refused; the served versions stay as they are");
+                        refused.insert(key, candidate.stamp);
+                        current.cloned()
+                    }
+                },
+            };
+            if let Some(served) = served {
+                models.entry(candidate.name).or_default().insert(candidate.version, served);
+            }
+        }
+        let removed = self.versions().filter(|old| {
+            !models.get(&old.name).and_then(|v| v.get(&old.version)).is_some_and(|s| Arc::ptr_eq(&s.model, old))
+        });
+        for old in removed {
+            changed = true;
+            tracing::info!(model = %old.name, version = old.version, sha256 = %old.sha256,
+                "model version retired; it finishes the batches it has");
+            telemetry::record_model_retired(&old.name, old.version, &old.sha256, old.provider.as_str());
+        }
+        if models.is_empty() {
+            tracing::error!(path = %settings.models.repository.display(),
+                "the model repository holds no servable model; the served versions stay as they are");
+            return Ok(None);
+        }
+        Ok(changed.then_some(Self { models }))
     }
 
     /// The pinned version, or the highest one.
@@ -81,7 +164,7 @@ impl Repository {
             Some(v) => versions.get(&v),
             None => versions.values().next_back(),
         };
-        found.ok_or_else(|| LookupError::UnknownVersion {
+        found.map(|served| &served.model).ok_or_else(|| LookupError::UnknownVersion {
             model: model.to_string(),
             version: version.unwrap_or_default(),
             available: versions.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
@@ -93,8 +176,48 @@ impl Repository {
     }
 
     pub fn versions(&self) -> impl Iterator<Item = &Arc<ModelVersion>> {
-        self.models.values().flat_map(|v| v.values())
+        self.models.values().flat_map(|v| v.values().map(|served| &served.model))
     }
+}
+
+fn load_version(
+    env: &ort::environment::Environment,
+    settings: &Settings,
+    candidate: &Candidate,
+) -> Result<Arc<ModelVersion>, RepositoryError> {
+    let Candidate { name, version, file, config, .. } = candidate;
+    let model = ModelVersion::load(env, name, *version, file, config, settings.inference, settings.batching)
+        .inspect_err(|_| telemetry::record_model_load_failure(name))?;
+    tracing::info!(model = %name, version, path = %file.display(), sha256 = %model.sha256,
+        features = model.signature.n_features, provider = model.provider.as_str(), "model loaded");
+    telemetry::record_model_loaded(name, *version, &model.sha256, model.provider.as_str());
+    let (busy, idle) = model.session_usage();
+    telemetry::record_sessions(name, *version, busy, idle);
+    Ok(Arc::new(model))
+}
+
+/// Every version on disk that its model's version policy selects.
+fn scan(root: &Path) -> Result<Vec<Candidate>, RepositoryError> {
+    let mut found = Vec::new();
+    for (name, dir) in subdirectories(root)? {
+        let config = Arc::new(read_config(&dir)?);
+        let config_file = dir.join(CONFIG_FILE);
+        let mut on_disk = BTreeMap::new();
+        for (version_name, version_dir) in subdirectories(&dir)? {
+            let Ok(version) = version_name.parse::<u64>() else { continue };
+            let file = version_dir.join(MODEL_FILE);
+            if let Some(stamp) = file.is_file().then(|| Stamp::of(&file, &config_file)).flatten() {
+                on_disk.insert(version, (file, stamp));
+            }
+        }
+        let available: Vec<u64> = on_disk.keys().copied().collect();
+        for version in config.version_policy.select(&available) {
+            if let Some((file, stamp)) = on_disk.remove(&version) {
+                found.push(Candidate { name: name.clone(), version, file, config: Arc::clone(&config), stamp });
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn subdirectories(dir: &Path) -> Result<Vec<(String, PathBuf)>, RepositoryError> {
@@ -115,5 +238,21 @@ fn read_config(model_dir: &Path) -> Result<ModelConfig, RepositoryError> {
         Ok(text) => serde_yaml::from_str(&text).map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfig::default()),
         Err(e) => Err(RepositoryError::Config { path, problem: e.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::model::VersionPolicy;
+
+    #[test]
+    fn version_policy_reads_from_yaml_and_selects() {
+        let policy = |yaml: &str| serde_yaml::from_str::<VersionPolicy>(yaml).expect("policy parses");
+        let available = [3, 1, 2, 10];
+        assert_eq!(policy("all").select(&available), vec![1, 2, 3, 10]);
+        assert_eq!(policy("latest: 2").select(&available), vec![3, 10]);
+        assert_eq!(policy("latest: 9").select(&available), vec![1, 2, 3, 10]);
+        assert_eq!(policy("specific: [1, 3, 7]").select(&available), vec![1, 3]);
+        assert!(serde_yaml::from_str::<VersionPolicy>("newest: 1").is_err());
     }
 }

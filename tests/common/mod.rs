@@ -3,7 +3,8 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -141,7 +142,7 @@ pub async fn delete_topology(settings: &Settings) {
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
     let amqp = &settings.amqp;
-    for queue in [&amqp.jobs_queue, &amqp.results_queue, &amqp.dead_letter_queue] {
+    for queue in [&amqp.jobs_queue, &amqp.bulk_queue, &amqp.results_queue, &amqp.dead_letter_queue] {
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
     }
     let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
@@ -303,6 +304,7 @@ pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> Worker
         .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
         .env("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
         .env("BATCHSCORE__MODELS__REPOSITORY", &settings.models.repository)
+        .env("BATCHSCORE__MODELS__POLL_INTERVAL_MS", settings.models.poll_interval_ms.to_string())
         .env("BATCHSCORE__METRICS__LISTEN", metrics_listen)
         .env("BATCHSCORE__LOGGING__LEVEL", "info")
         .stdout(std::process::Stdio::null())
@@ -310,4 +312,31 @@ pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> Worker
         .spawn()
         .map(WorkerProcess)
         .expect("worker process starts")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = StdTcpStream::connect(addr).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()))
+}
+
+/// Sum of the samples of `name` whose labels include every `label="value"` in `labels`.
+pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name && labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
