@@ -1,0 +1,413 @@
+//! The Markdown report: the machine, every measurement, and the targets met or not.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::engine::EngineRun;
+use crate::scenarios::{
+    self, Drain, DrainReport, Lanes, Latency, Measured, LANES_RATE, LANES_SECONDS, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS,
+};
+use crate::workers::Kind;
+use crate::Bench;
+
+const BYTES_PER_MB: f64 = 1e6;
+
+pub struct Report {
+    machine: Vec<(&'static str, String)>,
+    scale: f64,
+    max_delay_ms: u64,
+    pub drains: Vec<DrainReport>,
+    pub open_loops: Vec<(Kind, Measured<Latency>)>,
+    pub lanes: Option<Measured<Lanes>>,
+}
+
+impl Report {
+    /// Describes the machine, the command and the worker settings; measurements are added after.
+    pub async fn new(bench: &Bench) -> Self {
+        let mut machine = tokio::task::spawn_blocking(describe_machine).await.unwrap_or_default();
+        let command = std::env::var("BENCH_COMMAND").unwrap_or_else(|_| "cargo bench --bench e2e".into());
+        let scale = if bench.scale == 1.0 {
+            String::new()
+        } else {
+            format!(" with BENCH_SCALE={} (shortened run: figures are indicative only)", bench.scale)
+        };
+        machine.insert(0, ("Command", format!("`{command}`{scale}")));
+        let s = &bench.settings;
+        machine.push((
+            "Worker settings",
+            format!(
+                "settings.yaml: prefetch {}, max_batch_rows {}, max_delay_ms {}, sessions {}, intra_threads {}",
+                s.amqp.prefetch,
+                s.batching.max_batch_rows,
+                s.batching.max_delay_ms,
+                s.inference.sessions,
+                s.inference.intra_threads
+            ),
+        ));
+        Self {
+            machine,
+            scale: bench.scale,
+            max_delay_ms: s.batching.max_delay_ms,
+            drains: Vec::new(),
+            open_loops: Vec::new(),
+            lanes: None,
+        }
+    }
+
+    pub fn has_failures(&self) -> bool {
+        self.drains.iter().any(|d| {
+            d.broker.is_failed()
+                || d.engine.is_failed()
+                || d.batchscore.is_failed()
+                || d.python_batching.is_failed()
+                || d.python_per_message.is_failed()
+        }) || self.open_loops.iter().any(|(_, m)| m.is_failed())
+            || self.lanes.as_ref().is_some_and(Measured::is_failed)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::from("# batchscore end-to-end benchmark\n\n| | |\n|---|---|\n");
+        for (key, value) in &self.machine {
+            let _ = writeln!(out, "| {key} | {value} |");
+        }
+        out.push_str("\n## Targets\n\n| Check | Measured | Target | Verdict |\n|---|---|---|---|\n");
+        for target in self.targets() {
+            target.render(&mut out);
+        }
+        self.render_drains(&mut out);
+        self.render_open_loops(&mut out);
+        self.render_lanes(&mut out);
+        out
+    }
+
+    fn drain(&self, rows_per_job: usize) -> Option<&DrainReport> {
+        self.drains.iter().find(|d| d.scenario.rows_per_job == rows_per_job)
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        let single = self.drain(1);
+        let jobs_per_s = |m: &Measured<Drain>| m.done().map(Drain::jobs_per_s);
+        let e2e = single.and_then(|d| jobs_per_s(&d.batchscore));
+        targets.push(Target::ratio(
+            "1-row jobs: batchscore ÷ broker ceiling (jobs/s)",
+            e2e,
+            single.and_then(|d| jobs_per_s(&d.broker)),
+            Goal::AtLeast(0.85),
+        ));
+        targets.push(Target::ratio(
+            "1-row jobs: batchscore ÷ Python batching (jobs/s)",
+            e2e,
+            single.and_then(|d| jobs_per_s(&d.python_batching)),
+            Goal::AtLeast(1.2),
+        ));
+        let hundred = self.drain(100);
+        let rows_per_s = |m: &Measured<Drain>| m.done().map(Drain::rows_per_s);
+        let e2e = hundred.and_then(|d| rows_per_s(&d.batchscore));
+        let combined = hundred.and_then(|d| {
+            let broker = rows_per_s(&d.broker)?;
+            let engine = d.engine.done()?.rows_per_s;
+            Some(1.0 / (1.0 / broker + 1.0 / engine))
+        });
+        targets.push(Target::ratio(
+            "100-row jobs: batchscore ÷ combined ceiling 1/(1/broker + 1/engine) (rows/s)",
+            e2e,
+            combined,
+            Goal::AtLeast(0.70),
+        ));
+        targets.push(Target::ratio(
+            "100-row jobs: batchscore ÷ Python batching (rows/s)",
+            e2e,
+            hundred.and_then(|d| rows_per_s(&d.python_batching)),
+            Goal::AtLeast(4.0),
+        ));
+        let p99_goal = Goal::AtMost(self.max_delay_ms as f64 + 5.0);
+        for (kind, measured) in &self.open_loops {
+            let p99 = measured.done().map(|l| millis(l.p99));
+            let check = format!("Open loop p99, {} (vs max_delay_ms + 5 ms)", scenarios::label(*kind));
+            targets.push(Target::value(&check, p99, " ms", p99_goal));
+        }
+        let lanes = self.lanes.as_ref().and_then(Measured::done);
+        targets.push(Target::ratio(
+            "Lanes: online p99 during the bulk drain ÷ with the bulk lane idle",
+            lanes.map(|l| millis(l.during.p99)),
+            lanes.map(|l| millis(l.idle.p99)),
+            Goal::AtMost(2.0),
+        ));
+        targets.push(Target::value(
+            "Lanes: worker peak RSS during the bulk drain",
+            lanes.and_then(|l| l.peak_rss).map(|b| b as f64 / BYTES_PER_MB),
+            " MB",
+            Goal::AtMost(300.0),
+        ));
+        targets
+    }
+
+    fn render_drains(&self, out: &mut String) {
+        out.push_str(
+            "\n## Pre-filled queues\n\nEach system drains a queue filled beforehand (persistent jobs); time runs from the \
+             worker's readiness to the last result on the driver's reply queue. (b) is the model alone in the \
+             benchmark process at the mean batch size (c) formed; its jobs/s is rows/s ÷ rows per job.\n",
+        );
+        for drain in &self.drains {
+            let s = drain.scenario;
+            let _ = write!(
+                out,
+                "\n### {}\n\n| System | Jobs/s | Rows/s | Drain (s) | Mean batch (rows) | Peak RSS (MB) | Notes |\n\
+                 |---|---:|---:|---:|---:|---:|---|\n",
+                s.title()
+            );
+            drain_row(out, "(a) broker ceiling (noop engine)", &drain.broker);
+            engine_row(out, &drain.engine, s.rows_per_job);
+            drain_row(out, "(c) batchscore", &drain.batchscore);
+            drain_row(out, "(d) Python batching", &drain.python_batching);
+            drain_row(out, "(e) Python per-message", &drain.python_per_message);
+        }
+    }
+
+    fn render_open_loops(&self, out: &mut String) {
+        let seconds = OPEN_LOOP_SECONDS * self.scale;
+        let _ = write!(
+            out,
+            "\n## Open loop\n\nSingle-row jobs published at {} jobs/s for {:.0} s on a fixed schedule; latency from \
+             publishing a job to receiving its result. Target for p99: max_delay_ms + 5 ms = {} ms.\n\n\
+             | System | Jobs | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | Publisher lag, max (ms) | Mean batch (rows) \
+             | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+            thousands(OPEN_LOOP_RATE),
+            seconds.max(1.0),
+            self.max_delay_ms + 5
+        );
+        for (kind, measured) in &self.open_loops {
+            latency_row(out, scenarios::label(*kind), measured);
+        }
+    }
+
+    fn render_lanes(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "\n## Priority lanes (batchscore)\n\nOnline single-row jobs at {} jobs/s for {:.0} s, first with the bulk \
+             lane idle, then while the bulk lane drains a pre-filled queue of 10,000-row jobs.\n\n",
+            thousands(LANES_RATE),
+            (LANES_SECONDS * self.scale).max(1.0)
+        );
+        let lanes = match &self.lanes {
+            Some(Measured::Done(lanes)) => lanes,
+            Some(other) => {
+                let _ = writeln!(out, "{}", not_done(other));
+                return;
+            }
+            None => return,
+        };
+        out.push_str("| System | Jobs | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | Publisher lag, max (ms) | ");
+        out.push_str(
+            "Mean batch (rows) | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        latency_figures(out, "online, bulk lane idle", &lanes.idle);
+        latency_figures(out, "online, during the bulk drain", &lanes.during);
+        let _ = write!(
+            out,
+            "\n| Bulk drain | |\n|---|---:|\n| Jobs × rows | {} × {} |\n| Drain time (s) | {:.2} |\n\
+             | Rows/s | {} |\n| Worker peak RSS (MB) | {} |\n",
+            thousands(lanes.bulk_jobs as f64),
+            thousands((lanes.bulk_rows / lanes.bulk_jobs.max(1)) as f64),
+            lanes.drain_seconds,
+            thousands(lanes.bulk_rows_per_s()),
+            lanes.peak_rss.map_or("—".into(), megabytes)
+        );
+        if !lanes.notes.is_empty() {
+            let _ = writeln!(out, "\nNotes: {}", lanes.notes.join("; "));
+        }
+    }
+}
+
+fn drain_row(out: &mut String, system: &str, measured: &Measured<Drain>) {
+    let _ = match measured {
+        Measured::Done(d) => writeln!(
+            out,
+            "| {system} | {} | {} | {:.2} | {} | {} | {} |",
+            thousands(d.jobs_per_s()),
+            thousands(d.rows_per_s()),
+            d.seconds,
+            d.mean_batch.map_or("—".into(), |b| format!("{b:.1}")),
+            d.peak_rss.map_or("—".into(), megabytes),
+            d.notes.join("; ")
+        ),
+        other => writeln!(out, "| {system} | — | — | — | — | — | {} |", not_done(other)),
+    };
+}
+
+fn engine_row(out: &mut String, measured: &Measured<EngineRun>, rows_per_job: usize) {
+    let system = "(b) engine ceiling (in-process)";
+    let _ = match measured {
+        Measured::Done(e) => writeln!(
+            out,
+            "| {system} | {} | {} | — | {} | — | {} runs in {:.2} s |",
+            thousands(e.rows_per_s / rows_per_job as f64),
+            thousands(e.rows_per_s),
+            e.batch_rows,
+            thousands(e.runs as f64),
+            e.seconds
+        ),
+        other => writeln!(out, "| {system} | — | — | — | — | — | {} |", not_done(other)),
+    };
+}
+
+fn latency_row(out: &mut String, system: &str, measured: &Measured<Latency>) {
+    match measured {
+        Measured::Done(latency) => latency_figures(out, system, latency),
+        other => {
+            let _ = writeln!(out, "| {system} | — | — | — | — | — | — | — | — | {} |", not_done(other));
+        }
+    }
+}
+
+fn latency_figures(out: &mut String, system: &str, l: &Latency) {
+    let _ = writeln!(
+        out,
+        "| {system} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+        thousands(l.jobs as f64),
+        millis(l.p50),
+        millis(l.p95),
+        millis(l.p99),
+        millis(l.max),
+        millis(l.publish_lag),
+        l.mean_batch.map_or("—".into(), |b| format!("{b:.1}")),
+        l.peak_rss.map_or("—".into(), megabytes),
+        l.notes.join("; ")
+    );
+}
+
+fn not_done<T>(measured: &Measured<T>) -> String {
+    match measured {
+        Measured::Done(_) => String::new(),
+        Measured::Skipped(why) => format!("skipped: {}", table_safe(why)),
+        Measured::Failed(why) => format!("**failed**: {}", table_safe(why)),
+    }
+}
+
+fn table_safe(text: &str) -> String {
+    text.replace('|', "/").replace('\n', " ")
+}
+
+#[derive(Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+/// One target: a measured figure (or why there is none) against its goal.
+struct Target {
+    check: String,
+    measured: Option<f64>,
+    unit: &'static str,
+    goal: Goal,
+}
+
+impl Target {
+    fn ratio(check: &str, numerator: Option<f64>, denominator: Option<f64>, goal: Goal) -> Self {
+        let measured = numerator.zip(denominator).filter(|(_, d)| *d > 0.0).map(|(n, d)| n / d);
+        Self { check: check.to_string(), measured, unit: "", goal }
+    }
+
+    fn value(check: &str, measured: Option<f64>, unit: &'static str, goal: Goal) -> Self {
+        Self { check: check.to_string(), measured, unit, goal }
+    }
+
+    fn render(&self, out: &mut String) {
+        let (goal, met) = match (self.goal, self.measured) {
+            (Goal::AtLeast(g), m) => (format!("≥ {g}{}", self.unit), m.map(|m| m >= g)),
+            (Goal::AtMost(g), m) => (format!("≤ {g}{}", self.unit), m.map(|m| m <= g)),
+        };
+        let measured = self.measured.map_or("—".into(), |m| format!("{m:.2}{}", self.unit));
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "n/a (a measurement was skipped or failed)",
+        };
+        let _ = writeln!(out, "| {} | {measured} | {goal} | {verdict} |", self.check);
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / BYTES_PER_MB)
+}
+
+/// `1234567.8` → `1,234,568`.
+pub fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.abs());
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    if value < 0.0 {
+        grouped.insert(0, '-');
+    }
+    grouped
+}
+
+/// CPUs, CPU model, memory, RabbitMQ and rustc versions, and the date.
+fn describe_machine() -> Vec<(&'static str, String)> {
+    let unknown = || "unknown".to_string();
+    let cpus = output("nproc", &[]).unwrap_or_else(unknown);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("model name"))?.to_string();
+            Some(line.split_once(':')?.1.trim().to_string())
+        })
+        .unwrap_or_else(unknown);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let kib: f64 =
+                info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{:.1} GiB", kib / (1024.0 * 1024.0)))
+        })
+        .unwrap_or_else(unknown);
+    let rabbitmq = output("rabbitmqctl", &["version"])
+        .map(|v| format!("{v} (rabbitmqctl version)"))
+        .unwrap_or_else(|| "unknown (rabbitmqctl not available)".into());
+    vec![
+        ("CPUs (nproc)", format!("{cpus} × {model}")),
+        ("Memory", memory),
+        ("RabbitMQ", rabbitmq),
+        ("rustc", output("rustc", &["--version"]).unwrap_or_else(unknown)),
+        ("Date", output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_else(unknown)),
+    ]
+}
+
+/// The trimmed stdout of a short command, or `None` if it fails or takes over 20 s.
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut text = String::new();
+    child.stdout.take()?.read_to_string(&mut text).ok()?;
+    let text = text.trim().to_string();
+    (status.success() && !text.is_empty()).then_some(text)
+}

@@ -1,0 +1,418 @@
+//! The measurements: pre-filled queues drained by each system, open loops at a fixed rate, and
+//! the online lane under a bulk drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::broker::{Collected, Expectation, Schedule, Topology};
+use crate::engine::{EngineRun, Reference};
+use crate::workers::{Kind, Worker};
+use crate::{jobs, progress, Bench, Skip, PHASE_TIMEOUT};
+
+/// Rows of one bulk-lane job, and jobs in the full-scale bulk drain (a million rows).
+const BULK_ROWS_PER_JOB: usize = 10_000;
+const BULK_JOBS: usize = 100;
+pub const OPEN_LOOP_RATE: f64 = 1_000.0;
+pub const OPEN_LOOP_SECONDS: f64 = 10.0;
+pub const LANES_RATE: f64 = 200.0;
+pub const LANES_SECONDS: f64 = 5.0;
+/// Beyond [`PHASE_TIMEOUT`] for the steps around the collection (starting and stopping workers).
+const PHASE_SLACK: Duration = Duration::from_secs(60);
+
+/// A pre-filled queue of equal jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainScenario {
+    pub key: &'static str,
+    pub jobs: usize,
+    pub rows_per_job: usize,
+}
+
+impl DrainScenario {
+    /// `2,000 jobs × 100 rows`.
+    pub fn title(&self) -> String {
+        let plural = |n: usize, word: &str| {
+            format!("{} {word}{}", crate::report::thousands(n as f64), if n == 1 { "" } else { "s" })
+        };
+        format!("{} × {}", plural(self.jobs, "job"), plural(self.rows_per_job, "row"))
+    }
+}
+
+pub const DRAINS: [DrainScenario; 3] = [
+    DrainScenario { key: "1row", jobs: 20_000, rows_per_job: 1 },
+    DrainScenario { key: "100rows", jobs: 2_000, rows_per_job: 100 },
+    DrainScenario { key: "10krows", jobs: 20, rows_per_job: 10_000 },
+];
+
+/// The outcome of one measurement.
+pub enum Measured<T> {
+    Done(T),
+    /// The build or machine lacks what it needs; not an error of the worker.
+    Skipped(String),
+    Failed(String),
+}
+
+impl<T> Measured<T> {
+    pub fn done(&self) -> Option<&T> {
+        match self {
+            Measured::Done(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    pub fn is_failed(&self) -> bool {
+        matches!(self, Measured::Failed(_))
+    }
+}
+
+impl<T> From<Result<T>> for Measured<T> {
+    fn from(outcome: Result<T>) -> Self {
+        match outcome {
+            Ok(value) => Measured::Done(value),
+            Err(error) => match error.chain().find_map(|cause| cause.downcast_ref::<Skip>()) {
+                Some(skip) => Measured::Skipped(skip.0.clone()),
+                None => Measured::Failed(format!("{error:#}")),
+            },
+        }
+    }
+}
+
+/// One system draining one pre-filled queue.
+pub struct Drain {
+    pub jobs: usize,
+    pub rows: usize,
+    /// From the worker's readiness (or its first result, if earlier) to the last result.
+    pub seconds: f64,
+    pub mean_batch: Option<f64>,
+    pub peak_rss: Option<u64>,
+    pub notes: Vec<String>,
+}
+
+impl Drain {
+    pub fn jobs_per_s(&self) -> f64 {
+        self.jobs as f64 / self.seconds
+    }
+
+    pub fn rows_per_s(&self) -> f64 {
+        self.rows as f64 / self.seconds
+    }
+}
+
+/// Every system on one scenario.
+pub struct DrainReport {
+    pub scenario: DrainScenario,
+    pub broker: Measured<Drain>,
+    pub engine: Measured<EngineRun>,
+    pub batchscore: Measured<Drain>,
+    pub python_batching: Measured<Drain>,
+    pub python_per_message: Measured<Drain>,
+}
+
+/// Open-loop latency, publish to result receipt.
+pub struct Latency {
+    pub jobs: usize,
+    pub p50: Duration,
+    pub p95: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// How far the publisher fell behind its schedule at worst.
+    pub publish_lag: Duration,
+    pub mean_batch: Option<f64>,
+    pub peak_rss: Option<u64>,
+    pub notes: Vec<String>,
+}
+
+/// The online lane with the bulk lane idle, then during a bulk drain.
+pub struct Lanes {
+    pub idle: Latency,
+    pub during: Latency,
+    pub bulk_jobs: usize,
+    pub bulk_rows: usize,
+    pub drain_seconds: f64,
+    pub peak_rss: Option<u64>,
+    pub notes: Vec<String>,
+}
+
+impl Lanes {
+    pub fn bulk_rows_per_s(&self) -> f64 {
+        self.bulk_rows as f64 / self.drain_seconds
+    }
+}
+
+pub fn label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::NoopEngine => "(a) broker ceiling",
+        Kind::Batchscore => "(c) batchscore",
+        Kind::PythonBatching => "(d) Python batching",
+        Kind::PythonPerMessage => "(e) Python per-message",
+    }
+}
+
+fn tag(kind: Kind) -> &'static str {
+    match kind {
+        Kind::NoopEngine => "a",
+        Kind::Batchscore => "c",
+        Kind::PythonBatching => "d",
+        Kind::PythonPerMessage => "e",
+    }
+}
+
+/// Runs `work` under the phase time limit and reports how it went.
+async fn measure<T>(what: &str, work: impl Future<Output = Result<T>>) -> Measured<T> {
+    progress(&format!("{what}: running"));
+    let started = Instant::now();
+    let limit = PHASE_TIMEOUT + PHASE_SLACK;
+    let outcome = tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("{what}: did not finish within {} s", limit.as_secs())));
+    let measured = Measured::from(outcome);
+    let elapsed = started.elapsed().as_secs_f64();
+    match &measured {
+        Measured::Done(_) => progress(&format!("{what}: done in {elapsed:.1} s")),
+        Measured::Skipped(why) => progress(&format!("{what}: skipped: {why}")),
+        Measured::Failed(why) => progress(&format!("{what}: FAILED: {why}")),
+    }
+    measured
+}
+
+/// Scenario `scenario` on every system: (a), (c), then (b) at the batch size (c) formed, (d), (e).
+pub async fn drain_all(bench: &Bench, scenario: &DrainScenario) -> DrainReport {
+    let scenario = DrainScenario { jobs: bench.count(scenario.jobs), ..*scenario };
+    let what = |kind: Kind| format!("{}, {}", scenario.title(), label(kind));
+    let broker = measure(&what(Kind::NoopEngine), drain(bench, Kind::NoopEngine, &scenario)).await;
+    let batchscore = measure(&what(Kind::Batchscore), drain(bench, Kind::Batchscore, &scenario)).await;
+    let engine = match batchscore.done().map(|d| d.mean_batch) {
+        Some(Some(rows)) => {
+            let what = format!("batches of {rows:.0} rows, (b) engine ceiling");
+            measure(&what, bench.engine.throughput(&bench.samples, rows.round() as usize)).await
+        }
+        Some(None) => Measured::Failed("the worker's /metrics had no batchscore_batch_rows".into()),
+        None => Measured::Skipped("needs the mean batch size of (c)".into()),
+    };
+    let python_batching = measure(&what(Kind::PythonBatching), drain(bench, Kind::PythonBatching, &scenario)).await;
+    let python_per_message =
+        measure(&what(Kind::PythonPerMessage), drain(bench, Kind::PythonPerMessage, &scenario)).await;
+    DrainReport { scenario, broker, engine, batchscore, python_batching, python_per_message }
+}
+
+fn reference_for(bench: &Bench, kind: Kind) -> Option<Arc<Reference>> {
+    (kind != Kind::NoopEngine).then(|| Arc::clone(&bench.reference))
+}
+
+/// Pre-fills a queue, starts the worker, and times it from readiness to the last result.
+async fn drain(bench: &Bench, kind: Kind, scenario: &DrainScenario) -> Result<Drain> {
+    let name = format!("{}-{}", tag(kind), scenario.key);
+    let topology = bench.topology(&name, false);
+    bench.broker.declare(&topology).await?;
+    let mut replies = bench.broker.replies(&topology.name("replies")).await?;
+    let collector = replies.collect(Expectation {
+        label: name.clone(),
+        jobs: scenario.jobs,
+        rows_per_job: scenario.rows_per_job,
+        reference: reference_for(bench, kind),
+        deadline: Instant::now() + PHASE_TIMEOUT,
+    })?;
+    let jobs = jobs::build(&bench.samples, "job", scenario.jobs, scenario.rows_per_job);
+    let publisher = bench.broker.publisher().await?;
+    let prefill = publisher.prefill(topology.jobs_queue(), &replies.name, &jobs).await?;
+    publisher.close().await;
+    drop(jobs);
+    progress(&format!("{name}: {} jobs pre-filled in {:.1} s", scenario.jobs, prefill.as_secs_f64()));
+
+    let (mut worker, ready_at) = Worker::start(bench, kind, &topology, &name).await?;
+    let collected = worker.guard(collector.finish()).await?;
+    let mean_batch = worker.mean_batch_rows().await;
+    let peak_rss = worker.peak_rss_bytes();
+    let notes = stop(worker).await.into_iter().chain(duplicates(&collected)).collect();
+    replies.close().await;
+    bench.broker.delete(&topology).await;
+
+    let seconds = collected.last.duration_since(started(ready_at, &collected)).as_secs_f64().max(1e-6);
+    let drain = Drain {
+        jobs: scenario.jobs,
+        rows: scenario.jobs * scenario.rows_per_job,
+        seconds,
+        mean_batch,
+        peak_rss,
+        notes,
+    };
+    progress(&format!("{name}: {:.0} jobs/s, {:.0} rows/s", drain.jobs_per_s(), drain.rows_per_s()));
+    Ok(drain)
+}
+
+/// When draining began: readiness as polled, or the first result if that came sooner.
+fn started(ready_at: Instant, collected: &Collected) -> Instant {
+    collected.received_at.iter().flatten().copied().fold(ready_at, Instant::min)
+}
+
+/// Stops the worker; a failure to stop cleanly becomes a note, the figures stand.
+async fn stop(worker: Worker) -> Option<String> {
+    worker.stop().await.err().map(|error| format!("{error:#}"))
+}
+
+fn duplicates(collected: &Collected) -> Option<String> {
+    (collected.duplicates > 0).then(|| format!("{} duplicate results", collected.duplicates))
+}
+
+/// The open loop on (c), (a) and (d).
+pub async fn open_loop_all(bench: &Bench) -> Vec<(Kind, Measured<Latency>)> {
+    let mut all = Vec::new();
+    for kind in [Kind::Batchscore, Kind::NoopEngine, Kind::PythonBatching] {
+        let what = format!("open loop at {OPEN_LOOP_RATE:.0} jobs/s, {}", label(kind));
+        all.push((kind, measure(&what, open_loop_on(bench, kind)).await));
+    }
+    all
+}
+
+async fn open_loop_on(bench: &Bench, kind: Kind) -> Result<Latency> {
+    let name = format!("{}-open", tag(kind));
+    let topology = bench.topology(&name, false);
+    bench.broker.declare(&topology).await?;
+    let (mut worker, _) = Worker::start(bench, kind, &topology, &name).await?;
+    let run = open_loop(bench, &topology, "open", reference_for(bench, kind), OPEN_LOOP_RATE, OPEN_LOOP_SECONDS);
+    let run = worker.guard(run).await?;
+    let mut latency = latency(&run, None)?;
+    latency.mean_batch = worker.mean_batch_rows().await;
+    latency.peak_rss = worker.peak_rss_bytes();
+    latency.notes.extend(stop(worker).await);
+    bench.broker.delete(&topology).await;
+    progress(&format!("{name}: p50 {:?}, p99 {:?}, max {:?}", latency.p50, latency.p99, latency.max));
+    Ok(latency)
+}
+
+/// An open loop's publish and receipt times.
+struct OpenLoop {
+    schedule: Schedule,
+    collected: Collected,
+}
+
+/// Publishes single-row jobs to the online queue at `rate` for `seconds` (scaled) and collects
+/// their results.
+async fn open_loop(
+    bench: &Bench,
+    topology: &Topology,
+    tag: &str,
+    reference: Option<Arc<Reference>>,
+    rate: f64,
+    seconds: f64,
+) -> Result<OpenLoop> {
+    let count = ((rate * bench.duration(seconds).as_secs_f64()).round() as usize).max(1);
+    let jobs = jobs::build(&bench.samples, tag, count, 1);
+    let mut replies = bench.broker.replies(&topology.name(&format!("replies.{tag}"))).await?;
+    let collector = replies.collect(Expectation {
+        label: format!("open loop {tag}"),
+        jobs: count,
+        rows_per_job: 1,
+        reference,
+        deadline: Instant::now() + PHASE_TIMEOUT,
+    })?;
+    let publisher = bench.broker.publisher().await?;
+    let schedule = publisher.on_schedule(topology.jobs_queue(), &replies.name, &jobs, rate).await?;
+    publisher.close().await;
+    let collected = collector.finish().await?;
+    replies.close().await;
+    Ok(OpenLoop { schedule, collected })
+}
+
+/// Latency percentiles, publish to receipt, of the jobs published before `until` (all if `None`).
+fn latency(run: &OpenLoop, until: Option<Instant>) -> Result<Latency> {
+    let mut latencies: Vec<Duration> = run
+        .schedule
+        .published_at
+        .iter()
+        .zip(&run.collected.received_at)
+        .filter(|(published, _)| until.is_none_or(|until| **published <= until))
+        .filter_map(|(published, received)| received.map(|r| r.saturating_duration_since(*published)))
+        .collect();
+    latencies.sort_unstable();
+    let percentile = |p: f64| -> Result<Duration> {
+        let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len().max(1));
+        latencies.get(rank - 1).copied().context("no job of the open loop was published in the window measured")
+    };
+    Ok(Latency {
+        jobs: latencies.len(),
+        p50: percentile(0.50)?,
+        p95: percentile(0.95)?,
+        p99: percentile(0.99)?,
+        max: percentile(1.0)?,
+        publish_lag: run.schedule.max_lag,
+        mean_batch: None,
+        peak_rss: None,
+        notes: duplicates(&run.collected).into_iter().collect(),
+    })
+}
+
+/// The online lane's p99 with the bulk lane idle, then while the bulk lane drains a million rows.
+pub async fn lanes(bench: &Bench) -> Measured<Lanes> {
+    measure("priority lanes, (c) batchscore", lanes_run(bench)).await
+}
+
+async fn lanes_run(bench: &Bench) -> Result<Lanes> {
+    let topology = bench.topology("c-lanes", true);
+    let reference = Some(Arc::clone(&bench.reference));
+    let mut notes = Vec::new();
+
+    // The first worker declares both lanes, exactly as it wants them, and serves the online lane
+    // with nothing in the bulk lane.
+    let (mut worker, _) = Worker::start(bench, Kind::Batchscore, &topology, "c-lanes-idle").await?;
+    let run = open_loop(bench, &topology, "idle", reference.clone(), LANES_RATE, LANES_SECONDS);
+    let run = worker.guard(run).await?;
+    let mut idle = latency(&run, None)?;
+    idle.mean_batch = worker.mean_batch_rows().await;
+    idle.peak_rss = worker.peak_rss_bytes();
+    notes.extend(stop(worker).await);
+    progress(&format!("lanes: online p99 {:?} with the bulk lane idle", idle.p99));
+
+    let bulk_jobs = bench.count(BULK_JOBS);
+    let mut bulk_replies = bench.broker.replies(&topology.name("replies.bulk")).await?;
+    let bulk = bulk_replies.collect(Expectation {
+        label: "bulk lane".into(),
+        jobs: bulk_jobs,
+        rows_per_job: BULK_ROWS_PER_JOB,
+        reference: reference.clone(),
+        deadline: Instant::now() + PHASE_TIMEOUT,
+    })?;
+    prefill_bulk(bench, &topology, &bulk_replies.name, bulk_jobs).await?;
+
+    // The second worker finds the bulk queue full; the online open loop starts with it.
+    let (mut worker, ready_at) = Worker::start(bench, Kind::Batchscore, &topology, "c-lanes-drain").await?;
+    let online = open_loop(bench, &topology, "during", reference, LANES_RATE, LANES_SECONDS);
+    let (run, drained) = worker.guard(async { tokio::try_join!(online, bulk.finish()) }).await?;
+    let mut during = match latency(&run, Some(drained.last)) {
+        Ok(during) => during,
+        Err(_) => {
+            notes.push("the bulk drain ended before the first online job; all online jobs are counted".into());
+            latency(&run, None)?
+        }
+    };
+    during.mean_batch = worker.mean_batch_rows().await;
+    let peak_rss = worker.peak_rss_bytes();
+    during.peak_rss = peak_rss;
+    notes.extend(stop(worker).await);
+    notes.extend(duplicates(&drained));
+    bulk_replies.close().await;
+    bench.broker.delete(&topology).await;
+
+    let drain_seconds = drained.last.duration_since(started(ready_at, &drained)).as_secs_f64().max(1e-6);
+    if during.jobs < run.schedule.published_at.len() {
+        notes.push(format!(
+            "the bulk drain took {drain_seconds:.2} s, so the during-drain figures cover the {} online jobs \
+             published before it ended",
+            during.jobs
+        ));
+    }
+    Ok(Lanes { idle, during, bulk_jobs, bulk_rows: bulk_jobs * BULK_ROWS_PER_JOB, drain_seconds, peak_rss, notes })
+}
+
+/// Fills the bulk lane's queue with `count` jobs of [`BULK_ROWS_PER_JOB`] rows.
+async fn prefill_bulk(bench: &Bench, topology: &Topology, reply_to: &str, count: usize) -> Result<()> {
+    let queue = topology.bulk_queue.as_deref().context("the lanes measurement has a bulk queue")?;
+    let jobs = jobs::build(&bench.samples, "bulk", count, BULK_ROWS_PER_JOB);
+    let publisher = bench.broker.publisher().await?;
+    let took = publisher.prefill(queue, reply_to, &jobs).await?;
+    publisher.close().await;
+    progress(&format!("lanes: {count} bulk jobs pre-filled in {:.1} s", took.as_secs_f64()));
+    Ok(())
+}
