@@ -5,11 +5,13 @@
 //! (ONNX Runtime in `.onnxruntime/` and a broker at `BATCHSCORE__AMQP__URL`, default the local
 //! one). `BENCH_SCALE=0.1` shrinks job counts and durations for a quick check. The report goes to
 //! `target/bench/e2e.md` (or `BENCH_REPORT`) and to stdout; worker logs to `target/bench/logs/`.
+//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised) runs only those phases.
 //! `BATCHSCORE__<SECTION>__<KEY>` variables reach every worker and the in-process model, and the
 //! Python workers get the same prefetch, batching and thread settings, so one can compare, say,
 //! `BATCHSCORE__INFERENCE__INTRA_THREADS=1` runs.
 //!
-//! Systems, all serving the demo model `models/credit_default`:
+//! Systems, all serving the demo model `models/credit_default` (the worker serves every model of
+//! `models/`):
 //! - (a) broker ceiling: the worker process with `BATCHSCORE__INFERENCE__ENGINE=noop`;
 //! - (b) engine ceiling: the model in this process, no broker, at the batch size (c) formed;
 //! - (c) batchscore: the worker process as shipped;
@@ -17,8 +19,11 @@
 //!
 //! Scenarios: pre-filled queues of 1-row, 100-row and 10,000-row jobs drained from the worker's
 //! readiness to the last result; an open loop of single-row jobs at a fixed rate; and the bulk
-//! lane draining a million rows while online jobs keep arriving. Every measurement runs on its own
-//! uniquely named queues, which are deleted at the end.
+//! lane draining a million rows while online jobs keep arriving. Then float32 against INT8: 100-row
+//! jobs for `credit_default` and for its quantised variant `credit_default_int8` drained by (c), each
+//! model's engine ceiling (b) at the batch size (c) formed, and the variant's held-out figures from
+//! its `quantisation.json`. Every measurement runs on its own uniquely named queues, which are
+//! deleted at the end.
 
 #[path = "e2e/broker.rs"]
 mod broker;
@@ -26,6 +31,8 @@ mod broker;
 mod engine;
 #[path = "e2e/jobs.rs"]
 mod jobs;
+#[path = "e2e/quantised.rs"]
+mod quantised;
 #[path = "e2e/report.rs"]
 mod report;
 #[path = "e2e/scenarios.rs"]
@@ -76,11 +83,20 @@ fn main() -> ExitCode {
 async fn run() -> Result<bool> {
     let bench = Bench::prepare().await?;
     let mut report = Report::new(&bench).await;
-    for scenario in &scenarios::DRAINS {
-        report.drains.push(scenarios::drain_all(&bench, scenario).await);
+    if phase_wanted("drains") {
+        for scenario in &scenarios::DRAINS {
+            report.drains.push(scenarios::drain_all(&bench, scenario).await);
+        }
     }
-    report.open_loops = scenarios::open_loop_all(&bench).await;
-    report.lanes = Some(scenarios::lanes(&bench).await);
+    if phase_wanted("open-loop") {
+        report.open_loops = scenarios::open_loop_all(&bench).await;
+    }
+    if phase_wanted("lanes") {
+        report.lanes = Some(scenarios::lanes(&bench).await);
+    }
+    if phase_wanted("quantised") {
+        report.quantised = Some(quantised::compare(&bench).await);
+    }
     bench.cleanup().await;
     let text = report.render();
     let path = bench.report_path();
@@ -93,7 +109,7 @@ async fn run() -> Result<bool> {
     Ok(!report.has_failures())
 }
 
-/// What every measurement shares: settings, sample rows, the in-process model, the broker.
+/// What every measurement shares: settings, sample rows, the in-process demo model, the broker.
 pub struct Bench {
     pub root: PathBuf,
     pub settings: Settings,
@@ -117,7 +133,7 @@ impl Bench {
         let settings = Settings::load(&root.join("settings.yaml"), true).context("loading settings.yaml")?;
         let scale = scale_from_env()?;
         let samples = Samples::load(&root)?;
-        let engine = Engine::load(&root, &settings)?;
+        let engine = Engine::load(&root, &settings, jobs::MODEL)?;
         let reference = Arc::new(engine.reference(&samples).await?);
         let broker = Broker::connect(&settings.amqp.url).await?;
         let logs = target_dir(&root).join("bench/logs");
@@ -188,6 +204,11 @@ fn scale_from_env() -> Result<f64> {
             Ok(scale)
         }
     }
+}
+
+/// `BENCH_ONLY=lanes,quantised` runs only the named phases (drains, open-loop, lanes, quantised).
+fn phase_wanted(phase: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == phase))
 }
 
 /// `CARGO_TARGET_DIR` when exported (relative to the project), else `target/`.

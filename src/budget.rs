@@ -25,6 +25,11 @@ impl RowBudget {
         self.used.load(Ordering::Acquire) >= self.limit
     }
 
+    /// True while no job of the lane is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.used.load(Ordering::Acquire) == 0
+    }
+
     /// Completes after some rows were returned (at once if some were since the last call).
     pub async fn returned(&self) {
         self.returned.notified().await;

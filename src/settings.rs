@@ -62,6 +62,9 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Unacknowledged bulk jobs the broker may hand this worker at once.
     pub bulk_prefetch: u16,
+    /// While an online job arrived within this many ms, the bulk lane holds one job at a time;
+    /// 0: the bulk lane never holds back.
+    pub bulk_yield_ms: u64,
     /// Declare the topology at start-up; `false` only checks that it exists.
     pub declare_queues: bool,
     /// Deliveries of one job before the broker dead-letters it instead (quorum `x-delivery-limit`).
@@ -88,6 +91,7 @@ impl Default for AmqpSettings {
             results_queue: "scoring.results".into(),
             prefetch: 256,
             bulk_prefetch: 8,
+            bulk_yield_ms: 250,
             declare_queues: true,
             delivery_limit: 5,
             dead_letter_exchange: "scoring.dlx".into(),
@@ -163,6 +167,9 @@ pub struct InferenceSettings {
     pub sessions: usize,
     /// Threads inside one run; 0 lets ONNX Runtime use one per core.
     pub intra_threads: usize,
+    /// Let ONNX Runtime's threads spin-wait between runs (its default): lower latency for small
+    /// batches, CPU taken from whatever else shares the cores.
+    pub intra_op_spinning: bool,
     /// Where models run unless their config.yaml says otherwise.
     pub execution_provider: ExecutionProvider,
     /// GPU used by the CUDA execution provider.
@@ -188,6 +195,7 @@ impl Default for InferenceSettings {
         Self {
             sessions: 1,
             intra_threads: 0,
+            intra_op_spinning: true,
             execution_provider: ExecutionProvider::Cpu,
             cuda_device_id: 0,
             cuda_memory_limit_mb: 0,

@@ -238,6 +238,8 @@ pub struct Expectation {
 pub struct Collected {
     /// Receipt time per job index.
     pub received_at: Vec<Option<Instant>>,
+    /// Per job index, the time the worker says it held the job (`timing_ms.total`), when given.
+    pub worker_ms: Vec<Option<f64>>,
     pub last: Instant,
     /// Further results for jobs already answered (redeliveries).
     pub duplicates: usize,
@@ -286,6 +288,12 @@ struct ResultBody {
     rows: Option<usize>,
     outputs: Option<Outputs>,
     error: Option<serde_json::Value>,
+    timing_ms: Option<TimingBody>,
+}
+
+#[derive(Deserialize)]
+struct TimingBody {
+    total: f64,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +304,7 @@ struct Outputs {
 async fn collect(mut consumer: lapin::Consumer, expect: Expectation) -> Result<Collected> {
     let Expectation { label, jobs, deadline, .. } = &expect;
     let mut received_at = vec![None; *jobs];
+    let mut worker_ms = vec![None; *jobs];
     let (mut answered, mut duplicates, mut last) = (0, 0, Instant::now());
     let mut checks = Checks::default();
     while answered < *jobs {
@@ -306,18 +315,19 @@ async fn collect(mut consumer: lapin::Consumer, expect: Expectation) -> Result<C
             Ok(Some(delivery)) => delivery.with_context(|| format!("{label}: receiving results"))?,
         };
         let now = Instant::now();
-        let index = checks.check(&expect, &delivery)?;
+        let (index, held_ms) = checks.check(&expect, &delivery)?;
         match &mut received_at[index] {
             Some(_) => duplicates += 1,
             slot => {
                 *slot = Some(now);
+                worker_ms[index] = held_ms;
                 answered += 1;
                 last = now;
             }
         }
     }
     checks.verdict(label, *jobs)?;
-    Ok(Collected { received_at, last, duplicates, spot_checked: checks.spot_checked })
+    Ok(Collected { received_at, worker_ms, last, duplicates, spot_checked: checks.spot_checked })
 }
 
 /// Problems found in results: counted, the first few kept for the message.
@@ -329,9 +339,9 @@ struct Checks {
 }
 
 impl Checks {
-    /// Checks one result and returns its job index; a result for no job of this measurement
-    /// is an error at once.
-    fn check(&mut self, expect: &Expectation, delivery: &lapin::message::Delivery) -> Result<usize> {
+    /// Checks one result and returns its job index and the worker's `timing_ms.total`; a result
+    /// for no job of this measurement is an error at once.
+    fn check(&mut self, expect: &Expectation, delivery: &lapin::message::Delivery) -> Result<(usize, Option<f64>)> {
         let excerpt = || String::from_utf8_lossy(&delivery.data[..delivery.data.len().min(300)]).into_owned();
         let body: ResultBody = serde_json::from_slice(&delivery.data)
             .with_context(|| format!("{}: a result is not the expected JSON: {}", expect.label, excerpt()))?;
@@ -346,11 +356,12 @@ impl Checks {
         if body.status != "ok" {
             let error = body.error.map(|e| e.to_string()).unwrap_or_default();
             self.problem(format!("{id}: status {} {error}", body.status));
-            return Ok(index);
+            return Ok((index, None));
         }
         if body.rows != Some(expect.rows_per_job) {
             self.problem(format!("{id}: rows {:?}, expected {}", body.rows, expect.rows_per_job));
         }
+        let held_ms = body.timing_ms.as_ref().map(|t| t.total);
         let probabilities = body.outputs.and_then(|o| o.probabilities).unwrap_or_default();
         if probabilities.len() != expect.rows_per_job {
             self.problem(format!("{id}: {} probabilities for {} rows", probabilities.len(), expect.rows_per_job));
@@ -358,7 +369,7 @@ impl Checks {
             self.spot_checked += 1;
             self.spot_check(id, index, expect.rows_per_job, &probabilities, reference);
         }
-        Ok(index)
+        Ok((index, held_ms))
     }
 
     fn spot_check(

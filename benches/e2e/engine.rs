@@ -1,5 +1,5 @@
-//! System (b), the engine ceiling: the demo model in this process, no broker, run back to back at
-//! a given batch size. Also scores the sample rows once, as the reference results are checked
+//! System (b), the engine ceiling: a model of `models/` in this process, no broker, run back to back
+//! at a given batch size. Also scores the sample rows once, as the reference results are checked
 //! against.
 
 use std::path::Path;
@@ -11,13 +11,14 @@ use batchscore::engine::outputs::ColumnData;
 use batchscore::engine::{runtime, ModelVersion};
 use batchscore::settings::Settings;
 
-use crate::jobs::{Samples, MODEL};
+use crate::jobs::Samples;
 
 /// Shortest stretch of back-to-back runs behind one figure.
 const MIN_RUN_TIME: Duration = Duration::from_secs(1);
 const PROBABILITIES: &str = "probabilities";
 
 pub struct Engine {
+    name: String,
     model: ModelVersion,
 }
 
@@ -30,7 +31,7 @@ pub struct EngineRun {
     pub rows_per_s: f64,
 }
 
-/// The probability of default of every sample row, scored in this process.
+/// The probability of default of every sample row, scored in this process by one model.
 pub struct Reference {
     p_default: Vec<f32>,
 }
@@ -46,27 +47,24 @@ impl Reference {
 }
 
 impl Engine {
-    /// Loads version 1 of the demo model with the worker's inference and batching settings.
-    pub fn load(root: &Path, settings: &Settings) -> Result<Self> {
+    /// Loads version 1 of model `name` with the worker's inference and batching settings.
+    pub fn load(root: &Path, settings: &Settings, name: &str) -> Result<Self> {
         let env = runtime::environment(settings.onnxruntime.library_path.as_deref())
             .context("loading ONNX Runtime (scripts/setup.sh puts it in .onnxruntime/)")?;
-        let dir = root.join("models").join(MODEL);
+        let dir = root.join("models").join(name);
         let config_path = dir.join("config.yaml");
         let text =
             std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
         let config: ModelConfig =
             serde_yaml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-        let model = ModelVersion::load(
-            env,
-            MODEL,
-            1,
-            &dir.join("1/model.onnx"),
-            &config,
-            settings.inference,
-            settings.batching,
-        )
-        .context("loading the demo model in this process")?;
-        Ok(Self { model })
+        let model =
+            ModelVersion::load(env, name, 1, &dir.join("1/model.onnx"), &config, settings.inference, settings.batching)
+                .with_context(|| format!("loading {name} in this process"))?;
+        Ok(Self { name: name.to_string(), model })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Scores every sample row in one run.
@@ -77,13 +75,13 @@ impl Engine {
         let column = columns
             .iter()
             .find(|c| c.name == PROBABILITIES)
-            .with_context(|| format!("the demo model publishes no `{PROBABILITIES}` output"))?;
+            .with_context(|| format!("{} publishes no `{PROBABILITIES}` output", self.name))?;
         let ColumnData::F32(values) = &column.data else {
-            bail!("`{PROBABILITIES}` of the demo model is not a float tensor");
+            bail!("`{PROBABILITIES}` of {} is not a float tensor", self.name);
         };
         let width = column.row_len;
         if width < 2 || values.len() != width * samples.len() {
-            bail!("`{PROBABILITIES}` of the demo model is not [rows, 2]");
+            bail!("`{PROBABILITIES}` of {} is not [rows, 2]", self.name);
         }
         Ok(Reference { p_default: values.chunks(width).map(|row| row[1]).collect() })
     }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 
+/// The demo model, float32.
 pub const MODEL: &str = "credit_default";
 const SAMPLES: &str = "models/credit_default/samples/applicants.csv";
 
@@ -50,13 +51,13 @@ pub struct Job {
     pub body: Vec<u8>,
 }
 
-/// `count` jobs of `rows_per_job` rows, ids `<prefix>-<i>`; row `r` of job `i` is sample row
-/// [`sample_index`]`(i, rows_per_job, r)`.
-pub fn build(samples: &Samples, prefix: &str, count: usize, rows_per_job: usize) -> Vec<Job> {
+/// `count` jobs of `rows_per_job` rows for `model`, ids `<prefix>-<i>`; row `r` of job `i` is
+/// sample row [`sample_index`]`(i, rows_per_job, r)`.
+pub fn build(samples: &Samples, model: &str, prefix: &str, count: usize, rows_per_job: usize) -> Vec<Job> {
     (0..count)
         .map(|i| {
             let id = format!("{prefix}-{i}");
-            let mut body = format!(r#"{{"job_id":"{id}","model":"{MODEL}","rows":["#);
+            let mut body = format!(r#"{{"job_id":"{id}","model":"{model}","rows":["#);
             for r in 0..rows_per_job {
                 if r > 0 {
                     body.push(',');

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::engine::EngineRun;
+use crate::quantised::QuantisedReport;
 use crate::scenarios::{
     self, Drain, DrainReport, Lanes, Latency, Measured, LANES_RATE, LANES_SECONDS, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS,
 };
@@ -21,6 +22,7 @@ pub struct Report {
     pub drains: Vec<DrainReport>,
     pub open_loops: Vec<(Kind, Measured<Latency>)>,
     pub lanes: Option<Measured<Lanes>>,
+    pub quantised: Option<QuantisedReport>,
 }
 
 impl Report {
@@ -53,6 +55,7 @@ impl Report {
             drains: Vec::new(),
             open_loops: Vec::new(),
             lanes: None,
+            quantised: None,
         }
     }
 
@@ -65,6 +68,7 @@ impl Report {
                 || d.python_per_message.is_failed()
         }) || self.open_loops.iter().any(|(_, m)| m.is_failed())
             || self.lanes.as_ref().is_some_and(Measured::is_failed)
+            || self.quantised.as_ref().is_some_and(QuantisedReport::has_failures)
     }
 
     pub fn render(&self) -> String {
@@ -79,6 +83,9 @@ impl Report {
         self.render_drains(&mut out);
         self.render_open_loops(&mut out);
         self.render_lanes(&mut out);
+        if let Some(quantised) = &self.quantised {
+            quantised.render(&mut out);
+        }
         out
     }
 
@@ -173,8 +180,8 @@ impl Report {
             out,
             "\n## Open loop\n\nSingle-row jobs published at {} jobs/s for {:.0} s on a fixed schedule; latency from \
              publishing a job to receiving its result. Target for p99: max_delay_ms + 5 ms = {} ms.\n\n\
-             | System | Jobs | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | Publisher lag, max (ms) | Mean batch (rows) \
-             | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+             | System | Jobs | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | p99 in worker (ms) | Publisher lag, max (ms) | Mean batch (rows) \
+             | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
             thousands(OPEN_LOOP_RATE),
             seconds.max(1.0),
             self.max_delay_ms + 5
@@ -200,9 +207,9 @@ impl Report {
             }
             None => return,
         };
-        out.push_str("| System | Jobs | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | Publisher lag, max (ms) | ");
+        out.push_str("| System | Jobs | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | p99 in worker (ms) | Publisher lag, max (ms) | ");
         out.push_str(
-            "Mean batch (rows) | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+            "Mean batch (rows) | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         );
         latency_figures(out, "online, bulk lane idle", &lanes.idle);
         latency_figures(out, "online, during the bulk drain", &lanes.during);
@@ -216,6 +223,9 @@ impl Report {
             thousands(lanes.bulk_rows_per_s()),
             lanes.peak_rss.map_or("—".into(), megabytes)
         );
+        for (process, cores) in &lanes.cpu {
+            let _ = writeln!(out, "| CPU during the drain, {process} (cores) | {cores:.2} |");
+        }
         if !lanes.notes.is_empty() {
             let _ = writeln!(out, "\nNotes: {}", lanes.notes.join("; "));
         }
@@ -258,7 +268,7 @@ fn latency_row(out: &mut String, system: &str, measured: &Measured<Latency>) {
     match measured {
         Measured::Done(latency) => latency_figures(out, system, latency),
         other => {
-            let _ = writeln!(out, "| {system} | — | — | — | — | — | — | — | — | {} |", not_done(other));
+            let _ = writeln!(out, "| {system} | — | — | — | — | — | — | — | — | — | {} |", not_done(other));
         }
     }
 }
@@ -266,12 +276,13 @@ fn latency_row(out: &mut String, system: &str, measured: &Measured<Latency>) {
 fn latency_figures(out: &mut String, system: &str, l: &Latency) {
     let _ = writeln!(
         out,
-        "| {system} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+        "| {system} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {} | {} | {} |",
         thousands(l.jobs as f64),
         millis(l.p50),
         millis(l.p95),
         millis(l.p99),
         millis(l.max),
+        l.worker_p99.map_or("—".into(), |d| format!("{:.1}", millis(d))),
         millis(l.publish_lag),
         l.mean_batch.map_or("—".into(), |b| format!("{b:.1}")),
         l.peak_rss.map_or("—".into(), megabytes),
@@ -279,7 +290,7 @@ fn latency_figures(out: &mut String, system: &str, l: &Latency) {
     );
 }
 
-fn not_done<T>(measured: &Measured<T>) -> String {
+pub fn not_done<T>(measured: &Measured<T>) -> String {
     match measured {
         Measured::Done(_) => String::new(),
         Measured::Skipped(why) => format!("skipped: {}", table_safe(why)),

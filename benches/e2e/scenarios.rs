@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 
 use crate::broker::{Collected, Expectation, Schedule, Topology};
-use crate::engine::{EngineRun, Reference};
+use crate::engine::{Engine, EngineRun, Reference};
 use crate::workers::{Kind, Worker};
 use crate::{jobs, progress, Bench, Skip, PHASE_TIMEOUT};
 
@@ -87,6 +87,8 @@ pub struct Drain {
     pub seconds: f64,
     pub mean_batch: Option<f64>,
     pub peak_rss: Option<u64>,
+    /// Results compared with the in-process scores of the model.
+    pub spot_checked: usize,
     pub notes: Vec<String>,
 }
 
@@ -117,6 +119,8 @@ pub struct Latency {
     pub p95: Duration,
     pub p99: Duration,
     pub max: Duration,
+    /// p99 of the time the worker held a job (receipt to encoded result), when it says.
+    pub worker_p99: Option<Duration>,
     /// How far the publisher fell behind its schedule at worst.
     pub publish_lag: Duration,
     pub mean_batch: Option<f64>,
@@ -132,6 +136,8 @@ pub struct Lanes {
     pub bulk_rows: usize,
     pub drain_seconds: f64,
     pub peak_rss: Option<u64>,
+    /// Cores each process kept busy while the bulk lane drained: (process, cores).
+    pub cpu: Vec<(&'static str, f64)>,
     pub notes: Vec<String>,
 }
 
@@ -160,7 +166,7 @@ fn tag(kind: Kind) -> &'static str {
 }
 
 /// Runs `work` under the phase time limit and reports how it went.
-async fn measure<T>(what: &str, work: impl Future<Output = Result<T>>) -> Measured<T> {
+pub async fn measure<T>(what: &str, work: impl Future<Output = Result<T>>) -> Measured<T> {
     progress(&format!("{what}: running"));
     let started = Instant::now();
     let limit = PHASE_TIMEOUT + PHASE_SLACK;
@@ -183,26 +189,48 @@ pub async fn drain_all(bench: &Bench, scenario: &DrainScenario) -> DrainReport {
     let what = |kind: Kind| format!("{}, {}", scenario.title(), label(kind));
     let broker = measure(&what(Kind::NoopEngine), drain(bench, Kind::NoopEngine, &scenario)).await;
     let batchscore = measure(&what(Kind::Batchscore), drain(bench, Kind::Batchscore, &scenario)).await;
-    let engine = match batchscore.done().map(|d| d.mean_batch) {
-        Some(Some(rows)) => {
-            let what = format!("batches of {rows:.0} rows, (b) engine ceiling");
-            measure(&what, bench.engine.throughput(&bench.samples, rows.round() as usize)).await
-        }
-        Some(None) => Measured::Failed("the worker's /metrics had no batchscore_batch_rows".into()),
-        None => Measured::Skipped("needs the mean batch size of (c)".into()),
-    };
+    let engine = engine_ceiling(bench, &bench.engine, &batchscore, "(b) engine ceiling").await;
     let python_batching = measure(&what(Kind::PythonBatching), drain(bench, Kind::PythonBatching, &scenario)).await;
     let python_per_message =
         measure(&what(Kind::PythonPerMessage), drain(bench, Kind::PythonPerMessage, &scenario)).await;
     DrainReport { scenario, broker, engine, batchscore, python_batching, python_per_message }
 }
 
+/// `engine` run in this process at the mean batch size the worker of `batchscore` formed.
+pub async fn engine_ceiling(
+    bench: &Bench,
+    engine: &Engine,
+    batchscore: &Measured<Drain>,
+    system: &str,
+) -> Measured<EngineRun> {
+    match batchscore.done().map(|d| d.mean_batch) {
+        Some(Some(rows)) => {
+            let what = format!("batches of {rows:.0} rows, {system}");
+            measure(&what, engine.throughput(&bench.samples, rows.round() as usize)).await
+        }
+        Some(None) => Measured::Failed("the worker's /metrics had no batchscore_batch_rows".into()),
+        None => Measured::Skipped("needs the mean batch size of (c)".into()),
+    }
+}
+
 fn reference_for(bench: &Bench, kind: Kind) -> Option<Arc<Reference>> {
     (kind != Kind::NoopEngine).then(|| Arc::clone(&bench.reference))
 }
 
-/// Pre-fills a queue, starts the worker, and times it from readiness to the last result.
+/// Pre-fills a queue with jobs for the demo model, starts the worker, and times it from readiness
+/// to the last result.
 async fn drain(bench: &Bench, kind: Kind, scenario: &DrainScenario) -> Result<Drain> {
+    drain_model(bench, kind, scenario, jobs::MODEL, reference_for(bench, kind)).await
+}
+
+/// [`drain`] with jobs for `model`, a few results checked against `reference` (scores of `model`).
+pub async fn drain_model(
+    bench: &Bench,
+    kind: Kind,
+    scenario: &DrainScenario,
+    model: &str,
+    reference: Option<Arc<Reference>>,
+) -> Result<Drain> {
     let name = format!("{}-{}", tag(kind), scenario.key);
     let topology = bench.topology(&name, false);
     bench.broker.declare(&topology).await?;
@@ -211,10 +239,10 @@ async fn drain(bench: &Bench, kind: Kind, scenario: &DrainScenario) -> Result<Dr
         label: name.clone(),
         jobs: scenario.jobs,
         rows_per_job: scenario.rows_per_job,
-        reference: reference_for(bench, kind),
+        reference,
         deadline: Instant::now() + PHASE_TIMEOUT,
     })?;
-    let jobs = jobs::build(&bench.samples, "job", scenario.jobs, scenario.rows_per_job);
+    let jobs = jobs::build(&bench.samples, model, "job", scenario.jobs, scenario.rows_per_job);
     let publisher = bench.broker.publisher().await?;
     let prefill = publisher.prefill(topology.jobs_queue(), &replies.name, &jobs).await?;
     publisher.close().await;
@@ -236,6 +264,7 @@ async fn drain(bench: &Bench, kind: Kind, scenario: &DrainScenario) -> Result<Dr
         seconds,
         mean_batch,
         peak_rss,
+        spot_checked: collected.spot_checked,
         notes,
     };
     progress(&format!("{name}: {:.0} jobs/s, {:.0} rows/s", drain.jobs_per_s(), drain.rows_per_s()));
@@ -299,7 +328,7 @@ async fn open_loop(
     seconds: f64,
 ) -> Result<OpenLoop> {
     let count = ((rate * bench.duration(seconds).as_secs_f64()).round() as usize).max(1);
-    let jobs = jobs::build(&bench.samples, tag, count, 1);
+    let jobs = jobs::build(&bench.samples, jobs::MODEL, tag, count, 1);
     let mut replies = bench.broker.replies(&topology.name(&format!("replies.{tag}"))).await?;
     let collector = replies.collect(Expectation {
         label: format!("open loop {tag}"),
@@ -318,15 +347,21 @@ async fn open_loop(
 
 /// Latency percentiles, publish to receipt, of the jobs published before `until` (all if `None`).
 fn latency(run: &OpenLoop, until: Option<Instant>) -> Result<Latency> {
-    let mut latencies: Vec<Duration> = run
-        .schedule
-        .published_at
-        .iter()
-        .zip(&run.collected.received_at)
-        .filter(|(published, _)| until.is_none_or(|until| **published <= until))
-        .filter_map(|(published, received)| received.map(|r| r.saturating_duration_since(*published)))
+    let in_window = |i: &usize| until.is_none_or(|until| run.schedule.published_at[*i] <= until);
+    let jobs = 0..run.schedule.published_at.len().min(run.collected.received_at.len());
+    let mut latencies: Vec<Duration> = jobs
+        .clone()
+        .filter(in_window)
+        .filter_map(|i| run.collected.received_at[i].map(|r| r.saturating_duration_since(run.schedule.published_at[i])))
         .collect();
     latencies.sort_unstable();
+    let mut held: Vec<f64> =
+        jobs.filter(in_window).filter_map(|i| run.collected.worker_ms.get(i).copied().flatten()).collect();
+    held.sort_unstable_by(f64::total_cmp);
+    let worker_p99 = (!held.is_empty()).then(|| {
+        let rank = ((0.99 * held.len() as f64).ceil() as usize).clamp(1, held.len());
+        Duration::from_secs_f64(held[rank - 1] / 1e3)
+    });
     let percentile = |p: f64| -> Result<Duration> {
         let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len().max(1));
         latencies.get(rank - 1).copied().context("no job of the open loop was published in the window measured")
@@ -337,6 +372,7 @@ fn latency(run: &OpenLoop, until: Option<Instant>) -> Result<Latency> {
         p95: percentile(0.95)?,
         p99: percentile(0.99)?,
         max: percentile(1.0)?,
+        worker_p99,
         publish_lag: run.schedule.max_lag,
         mean_batch: None,
         peak_rss: None,
@@ -378,8 +414,16 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
 
     // The second worker finds the bulk queue full; the online open loop starts with it.
     let (mut worker, ready_at) = Worker::start(bench, Kind::Batchscore, &topology, "c-lanes-drain").await?;
+    let processes =
+        [("worker", Some(worker.pid())), ("RabbitMQ", broker_pid()), ("benchmark", Some(std::process::id()))];
+    let cpu_before: Vec<Option<f64>> = processes.iter().map(|(_, pid)| pid.and_then(cpu_seconds)).collect();
     let online = open_loop(bench, &topology, "during", reference, LANES_RATE, LANES_SECONDS);
-    let (run, drained) = worker.guard(async { tokio::try_join!(online, bulk.finish()) }).await?;
+    let bulk = async {
+        let drained = bulk.finish().await?;
+        let cpu_after: Vec<Option<f64>> = processes.iter().map(|(_, pid)| pid.and_then(cpu_seconds)).collect();
+        Ok::<_, anyhow::Error>((drained, cpu_after))
+    };
+    let (run, (drained, cpu_after)) = worker.guard(async { tokio::try_join!(online, bulk) }).await?;
     let mut during = match latency(&run, Some(drained.last)) {
         Ok(during) => during,
         Err(_) => {
@@ -396,6 +440,11 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
     bench.broker.delete(&topology).await;
 
     let drain_seconds = drained.last.duration_since(started(ready_at, &drained)).as_secs_f64().max(1e-6);
+    let cpu = processes
+        .iter()
+        .zip(cpu_before.iter().zip(&cpu_after))
+        .filter_map(|((name, _), (before, after))| Some((*name, (after.as_ref()? - before.as_ref()?) / drain_seconds)))
+        .collect();
     if during.jobs < run.schedule.published_at.len() {
         notes.push(format!(
             "the bulk drain took {drain_seconds:.2} s, so the during-drain figures cover the {} online jobs \
@@ -403,16 +452,35 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
             during.jobs
         ));
     }
-    Ok(Lanes { idle, during, bulk_jobs, bulk_rows: bulk_jobs * BULK_ROWS_PER_JOB, drain_seconds, peak_rss, notes })
+    Ok(Lanes { idle, during, bulk_jobs, bulk_rows: bulk_jobs * BULK_ROWS_PER_JOB, drain_seconds, peak_rss, cpu, notes })
 }
 
 /// Fills the bulk lane's queue with `count` jobs of [`BULK_ROWS_PER_JOB`] rows.
 async fn prefill_bulk(bench: &Bench, topology: &Topology, reply_to: &str, count: usize) -> Result<()> {
     let queue = topology.bulk_queue.as_deref().context("the lanes measurement has a bulk queue")?;
-    let jobs = jobs::build(&bench.samples, "bulk", count, BULK_ROWS_PER_JOB);
+    let jobs = jobs::build(&bench.samples, jobs::MODEL, "bulk", count, BULK_ROWS_PER_JOB);
     let publisher = bench.broker.publisher().await?;
     let took = publisher.prefill(queue, reply_to, &jobs).await?;
     publisher.close().await;
     progress(&format!("lanes: {count} bulk jobs pre-filled in {:.1} s", took.as_secs_f64()));
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux for every architecture the worker targets.
+    Some(ticks / 100.0)
+}
+
+/// The local RabbitMQ node's Erlang VM, for its CPU use.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
 }

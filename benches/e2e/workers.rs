@@ -164,6 +164,10 @@ impl Worker {
         (status == 200 && count > 0.0).then(|| sum / count)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's peak resident memory (`VmHWM`), in bytes.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;

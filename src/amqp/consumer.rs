@@ -71,7 +71,14 @@ impl<'a> Consumer<'a> {
         let (online_budget, bulk_budget) = (Arc::clone(&online.budget), Arc::clone(&bulk.budget));
         let mut cancelled = false;
         let mut following = true;
+        let yield_window = Duration::from_millis(self.settings.amqp.bulk_yield_ms);
+        let mut online_seen: Option<tokio::time::Instant> = None;
         while online.is_open() || bulk.is_open() || !self.decoding.is_empty() {
+            // While online jobs keep coming, the bulk lane holds one job at a time: the machine's
+            // cores then go to online work first, not only the engine's runs.
+            let yield_until =
+                online_seen.map(|seen| seen + yield_window).filter(|until| *until > tokio::time::Instant::now());
+            let bulk_held_back = yield_until.is_some() && (!bulk_budget.is_idle() || bulk.decoding);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !cancelled => {
@@ -100,17 +107,19 @@ impl<'a> Consumer<'a> {
                     }
                 }
                 delivery = online.next(), if online.can_take() => {
+                    online_seen = Some(tokio::time::Instant::now());
                     if !self.take(&mut online, delivery, cancelled).await? {
                         break;
                     }
                 }
-                delivery = bulk.next(), if bulk.can_take() => {
+                delivery = bulk.next(), if bulk.can_take() && !bulk_held_back => {
                     if !self.take(&mut bulk, delivery, cancelled).await? {
                         break;
                     }
                 }
                 _ = online_budget.returned(), if online.is_open() && online_budget.is_spent() => {}
-                _ = bulk_budget.returned(), if bulk.is_open() && bulk_budget.is_spent() => {}
+                _ = bulk_budget.returned(), if bulk.is_open() && (bulk_budget.is_spent() || bulk_held_back) => {}
+                _ = tokio::time::sleep_until(yield_until.unwrap_or_else(tokio::time::Instant::now)), if bulk_held_back => {}
             }
         }
         Ok(self.batchers)

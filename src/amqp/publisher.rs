@@ -1,7 +1,8 @@
 //! The result publisher: publishes each result (and, for a job that cannot be scored, a copy
 //! of the job to the dead-letter exchange) with publisher confirms, and acknowledges the job
-//! only once the broker has confirmed everything published for it. Confirms are awaited
-//! concurrently so one slow confirm does not hold back the others.
+//! only once the broker has confirmed everything published for it. Every job's publish, confirm
+//! and acknowledgement run concurrently with the others', so neither a slow confirm nor the
+//! round trip of one frame holds back the jobs behind it.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -33,27 +34,41 @@ struct Settled {
     attempt: u32,
 }
 
-/// Publishes until `results` closes and every confirm is settled.
+/// Publishes until `results` closes and every job is settled. At most one job per unacknowledged
+/// delivery is in flight, so the prefetch bounds the jobs in here.
 pub async fn run(
     channel: Channel,
     settings: AmqpSettings,
     mut results: mpsc::Receiver<Outgoing>,
 ) -> Result<(), AmqpError> {
     let fallback = ShortString::from(settings.results_queue.as_str());
-    let mut confirms = FuturesUnordered::new();
+    let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
             outgoing = results.recv(), if open => match outgoing {
-                Some(outgoing) => confirms.push(publish(&channel, &settings, outgoing, 1).await?),
+                Some(outgoing) => in_flight.push(deliver(&channel, &settings, &fallback, outgoing)),
                 None => open = false,
             },
-            Some(settled) = confirms.next() => {
-                if let Some((retry, attempt)) = settle(settled?, &fallback).await? {
-                    confirms.push(publish(&channel, &settings, retry, attempt).await?);
-                }
-            }
+            Some(delivered) = in_flight.next() => delivered?,
             else => return Ok(()),
+        }
+    }
+}
+
+/// Publishes one job's result until the broker settles it, then acknowledges (or returns) the job.
+async fn deliver(
+    channel: &Channel,
+    settings: &AmqpSettings,
+    fallback: &ShortString,
+    mut outgoing: Outgoing,
+) -> Result<(), AmqpError> {
+    let mut attempt = 1;
+    loop {
+        let settled = publish(channel, settings, outgoing, attempt).await?.await?;
+        match settle(settled, fallback).await? {
+            Some((retry, next_attempt)) => (outgoing, attempt) = (retry, next_attempt),
+            None => return Ok(()),
         }
     }
 }

@@ -296,6 +296,8 @@ pub fn open_session(
     if inference.intra_threads > 0 {
         builder = builder.with_intra_threads(inference.intra_threads).map_err(|e| text(ort::Error::<()>::from(e)))?;
     }
+    builder =
+        builder.with_intra_op_spinning(inference.intra_op_spinning).map_err(|e| text(ort::Error::<()>::from(e)))?;
     let provider = match inference.execution_provider {
         ExecutionProvider::Cpu => ExecutionProvider::Cpu,
         ExecutionProvider::Cuda => {
