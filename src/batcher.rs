@@ -4,6 +4,10 @@
 //! across runs. A batch closes when a session is free (the engine is idle, so waiting would
 //! only add latency), when it is full, or when its oldest rows waited `max_delay_ms` for a
 //! busy engine; it then runs with what arrived while the previous batch ran.
+//!
+//! Online and bulk jobs wait apart: a batch is taken from the online rows whenever there are
+//! any, so bulk rows only fill runs the online lane leaves free. [`Batchers`] keeps one batcher
+//! per served model version.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -90,7 +94,7 @@ impl Pending {
         self.queue.is_empty()
     }
 
-    pub fn oldest(&self) -> Option<Instant> {
+    fn oldest(&self) -> Option<Instant> {
         self.queue.front().map(|(_, _, at)| *at)
     }
 
