@@ -12,7 +12,8 @@ use batchscore::job::{decode, Envelope, Features, MAX_JOB_ID_CHARS};
 use batchscore::settings::LimitSettings;
 use libfuzzer_sys::fuzz_target;
 
-const LIMITS: LimitSettings = LimitSettings { max_rows_per_job: 1000, max_job_bytes: 1 << 20 };
+const LIMITS: LimitSettings =
+    LimitSettings { max_rows_per_job: 1000, max_job_bytes: 1 << 20, max_inflight_rows: 100_000 };
 
 fuzz_target!(|data: &[u8]| {
     let (message_id, content_type, body) = envelope_parts(data);
