@@ -53,7 +53,8 @@ with open(target, "w") as out:
 PY
 
 run() {
-  local provider=$1 queue="bench.gpu.$1.$$"
+  # Fixed names: a rerun reuses the queues instead of leaving new ones behind.
+  local provider=$1 queue="bench.gpu.$1"
   BATCHSCORE__AMQP__JOBS_QUEUE=$queue BATCHSCORE__AMQP__RESULTS_QUEUE=$queue.results \
   BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE=$queue.dlx BATCHSCORE__AMQP__DEAD_LETTER_QUEUE=$queue.dlq \
   BATCHSCORE__INFERENCE__EXECUTION_PROVIDER=$provider BATCHSCORE__BATCHING__MAX_BATCH_ROWS=$BATCH_ROWS \

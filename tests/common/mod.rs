@@ -26,6 +26,10 @@ pub mod load;
 
 pub const TOLERANCE: f64 = 1e-6;
 
+/// Longest a test waits for the broker to confirm or answer, so a broken broker fails the test
+/// instead of hanging it.
+pub const BROKER_PATIENCE: Duration = Duration::from_secs(60);
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -106,9 +110,15 @@ impl TestWorker {
             .await
             .expect("worker stops in time")
             .expect("worker task");
+        tokio::time::timeout(BROKER_PATIENCE, Self::leftovers(&self.settings))
+            .await
+            .expect("the broker answers in time")
+    }
+
+    async fn leftovers(settings: &Settings) -> (u32, Vec<lapin::message::BasicGetMessage>) {
         let connection = connect().await;
         let channel = connection.create_channel().await.expect("channel");
-        let amqp = &self.settings.amqp;
+        let amqp = &settings.amqp;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         let left = channel
             .queue_declare(amqp.jobs_queue.as_str().into(), passive, FieldTable::default())
@@ -123,7 +133,7 @@ impl TestWorker {
         {
             dead_letters.push(message);
         }
-        delete_topology(&self.settings).await;
+        delete_topology(settings).await;
         (left, dead_letters)
     }
 }
@@ -142,7 +152,11 @@ pub async fn delete_topology(settings: &Settings) {
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
     let amqp = &settings.amqp;
+    // An empty name means "the last queue declared on this channel" to the broker: skip it.
     for queue in [&amqp.jobs_queue, &amqp.bulk_queue, &amqp.results_queue, &amqp.dead_letter_queue] {
+        if queue.is_empty() {
+            continue;
+        }
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
     }
     let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
@@ -201,12 +215,23 @@ impl Client {
     /// Publishes raw bytes as a job replying to this client; waits for the broker's confirm.
     pub async fn send_raw(&self, body: &[u8], properties: BasicProperties) {
         let properties = properties.with_reply_to(self.reply_queue.as_str().into());
-        let confirm = self
-            .channel
-            .basic_publish("".into(), self.jobs_queue.as_str().into(), BasicPublishOptions::default(), body, properties)
-            .await
-            .expect("publish");
-        assert!(confirm.await.expect("confirm").is_ack(), "broker refused a job");
+        let publish = async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    self.jobs_queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .expect("publish");
+            confirm.await.expect("confirm")
+        };
+        let confirmation =
+            tokio::time::timeout(BROKER_PATIENCE, publish).await.expect("the broker confirms a job in time");
+        assert!(confirmation.is_ack(), "broker refused a job");
     }
 
     pub async fn send(&self, job: &Value) {
