@@ -17,10 +17,7 @@ async fn scrape_matches_the_jobs_scored() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut worker = common::spawn_worker_process(&settings, &addr.to_string());
     let started = Instant::now();
-    while get(addr, "/readyz").map(|(status, _)| status) != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(30), "worker not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until_ready(addr, Duration::from_secs(30)).await;
     assert_eq!(get(addr, "/healthz").map(|(status, _)| status), Some(200));
 
     let mut client = Client::new(&settings).await;

@@ -133,10 +133,7 @@ async fn sighup_loads_a_new_version_at_once() {
     let worker = common::spawn_worker_process(&settings, &addr);
     let metrics = addr.parse().expect("address");
     let started = Instant::now();
-    while get(metrics, "/readyz").map(|(status, _)| status) != Some(200) {
-        assert!(started.elapsed() < Duration::from_secs(30), "worker not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until_ready(metrics, Duration::from_secs(30)).await;
     let mut client = Client::new(&settings).await;
     let row = expected("linear_v2")["rows"][0].clone();
     let pinned = |id: &str| json!({"job_id": id, "model": "linear", "model_version": "2", "rows": [row]});

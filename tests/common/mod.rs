@@ -75,26 +75,8 @@ impl TestWorker {
         let metrics = worker.metrics_addr;
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
-        Self::wait_until_ready(metrics).await;
+        wait_until_ready(metrics, Duration::from_secs(5)).await;
         TestWorker { settings, metrics, shutdown, handle }
-    }
-
-    /// Ready means connected with queues declared; jobs sent before could be unroutable.
-    async fn wait_until_ready(metrics: SocketAddr) {
-        for _ in 0..200 {
-            if let Ok(mut stream) = TcpStream::connect(metrics).await {
-                let mut response = String::new();
-                let sent = stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.is_ok();
-                if sent
-                    && stream.read_to_string(&mut response).await.is_ok()
-                    && response.split_whitespace().nth(1) == Some("200")
-                {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("worker at {metrics} did not become ready");
     }
 
     /// Stops the worker (draining in-flight jobs) and returns how many jobs are left in its queue.
@@ -135,6 +117,16 @@ impl TestWorker {
         }
         delete_topology(settings).await;
         (left, dead_letters)
+    }
+}
+
+/// Waits until `GET /readyz` answers 200: connected, with queues declared (jobs sent before could
+/// be unroutable).
+pub async fn wait_until_ready(metrics: SocketAddr, patience: Duration) {
+    let started = std::time::Instant::now();
+    while !is_ready(metrics).await {
+        assert!(started.elapsed() < patience, "worker at {metrics} did not become ready within {patience:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
