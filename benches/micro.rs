@@ -4,33 +4,27 @@
 //! `cargo bench --bench micro` (add `-- --quick` for a short run, or a filter such as `decode`).
 //!
 //! Decoding needs nothing else. Batch assembly and result encoding carry real job metadata, which
-//! holds a loaded model version and a delivery's acknowledgement handle; so they load the demo
-//! model `models/credit_default` in ONNX Runtime (`scripts/setup.sh`, or `ORT_DYLIB_PATH`) and take
-//! one delivery from RabbitMQ (`BATCHSCORE_BENCH_AMQP_URL`, default the local broker). When either
-//! is missing those benchmarks are skipped with a note; nothing is acknowledged or left behind.
+//! holds a loaded model version; so they load the demo model `models/credit_default` in ONNX
+//! Runtime (`scripts/setup.sh`, or `ORT_DYLIB_PATH`). Without it those benchmarks are skipped
+//! with a note. No broker is needed: a job's delivery handle is opaque to these stages.
 
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use batchscore::amqp::Reply;
-use batchscore::batcher::{CloseReason, Pending};
+use batchscore::batcher::Pending;
 use batchscore::budget::RowBudget;
+use batchscore::encode::{self, Timing};
 use batchscore::engine::model::ModelConfig;
 use batchscore::engine::{runtime, Column, ModelVersion};
-use batchscore::job::{self, Envelope, Features, Protocol};
-use batchscore::pipeline::{Job, JobMeta, Lane, Original};
-use batchscore::result::{self, Timing};
+use batchscore::flow::{CloseReason, Delivery, Job, JobMeta, Lane, Protocol};
+use batchscore::job::{self, Envelope, Features};
 use batchscore::settings::{BatchingSettings, InferenceSettings, LimitSettings};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
 const MODEL: &str = "credit_default";
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const BATCH_ROWS: usize = 1024;
 
 fn main() {
@@ -41,7 +35,6 @@ fn main() {
         Ok(fixture) => {
             batch_assembly(&mut criterion, &fixture, &samples);
             result_encoding(&mut criterion, &fixture, &samples);
-            fixture.close();
         }
         Err(why) => eprintln!("batch and encode benchmarks skipped: {why}"),
     }
@@ -113,12 +106,10 @@ fn decode(c: &mut Criterion, samples: &Samples) {
     group.finish();
 }
 
-/// A loaded model version and a delivery handle, for building job metadata as the consumer does.
+/// A loaded model version, for building job metadata as the consumer does.
 struct Fixture {
     model: Arc<ModelVersion>,
-    reply: Reply,
     runtime: tokio::runtime::Runtime,
-    connection: Connection,
 }
 
 impl Fixture {
@@ -142,15 +133,8 @@ impl Fixture {
         )
         .map_err(|e| e.to_string())?;
 
-        let url = std::env::var("BATCHSCORE_BENCH_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_string());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        let (connection, acker) = runtime
-            .block_on(async { tokio::time::timeout(Duration::from_secs(10), one_delivery(&url)).await })
-            .map_err(|_| format!("no delivery from RabbitMQ at {url} within 10 s"))?
-            .map_err(|e| format!("cannot take a delivery from RabbitMQ at {url}: {e}"))?;
-        let reply =
-            Reply { acker, routing_key: "bench.results".into(), correlation_id: Some("bench-correlation".into()) };
-        Ok(Self { model: Arc::new(model), reply, runtime, connection })
+        Ok(Self { model: Arc::new(model), runtime })
     }
 
     /// Metadata of one job of `rows` rows, as the consumer builds it.
@@ -160,12 +144,12 @@ impl Fixture {
             job_id: format!("bench-job-{seq:08}"),
             model: Arc::clone(&self.model),
             rows,
+            lane: Lane::Online,
             received_at: Instant::now(),
             queued_for: Duration::ZERO,
             deadline_ms: None,
             protocol: Protocol::Native,
-            reply: self.reply.clone(),
-            original: Original { body: Vec::new(), properties: BasicProperties::default(), lane: Lane::Online },
+            delivery: Delivery::new(()),
             charge: RowBudget::new(usize::MAX).charge(rows),
         })
     }
@@ -174,40 +158,6 @@ impl Fixture {
     fn score(&self, inputs: &[f32], rows: usize) -> Result<Vec<Column>, String> {
         let mut session = self.runtime.block_on(self.model.session()).map_err(|e| e.to_string())?;
         self.model.run(&mut session, inputs, rows).map_err(|e| e.to_string())
-    }
-
-    fn close(self) {
-        let Fixture { runtime, connection, .. } = self;
-        // The delivery is never acknowledged: closing the connection drops it with its queue.
-        let _ = runtime.block_on(connection.close(200, "benchmarks done".into()));
-    }
-}
-
-/// Connects, and takes one message from a private queue: its handle is what a job carries.
-async fn one_delivery(url: &str) -> Result<(Connection, lapin::Acker), lapin::Error> {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .basic_publish(
-            "".into(),
-            queue.name().clone(),
-            BasicPublishOptions::default(),
-            b"{}",
-            BasicProperties::default(),
-        )
-        .await?;
-    loop {
-        if let Some(message) = channel.basic_get(queue.name().clone(), BasicGetOptions::default()).await? {
-            return Ok((connection, message.delivery.acker));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -266,7 +216,7 @@ fn result_encoding(c: &mut Criterion, fixture: &Fixture, samples: &Samples) {
             b.iter(|| {
                 let mut bytes = 0;
                 for (meta, start) in &jobs {
-                    bytes += result::encode_ok(meta, black_box(&columns), *start, timing).expect("encodes").len();
+                    bytes += encode::encode_ok(meta, black_box(&columns), *start, timing).expect("encodes").len();
                 }
                 bytes
             });

@@ -11,67 +11,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-use tokio::time::sleep_until;
+use tokio::time::{sleep_until, Instant};
 
 use crate::engine::{InferenceError, ModelVersion, Repository};
+use crate::flow::{epoch_ms, Batch, CloseReason, Job, Lane, Rejection, ScoredBatch, Segment};
 use crate::infer;
-use crate::job::ErrorCode;
-use crate::pipeline::{epoch_ms, Job, JobFailure, JobMeta, Lane, ScoredBatch};
+use crate::lanes;
 use crate::settings::BatchingSettings;
-
-/// Why a batch stopped taking rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// A session was free.
-    Idle,
-    /// `max_batch_rows` reached.
-    Size,
-    /// The oldest rows waited `max_delay_ms` for a busy engine.
-    Delay,
-    /// The jobs channel closed (shutdown or reconnect): flushing what is left.
-    Drain,
-}
-
-impl CloseReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Idle => "idle",
-            CloseReason::Size => "size",
-            CloseReason::Delay => "delay",
-            CloseReason::Drain => "drain",
-        }
-    }
-}
-
-/// A contiguous run of one job's rows inside a batch.
-#[derive(Debug, Clone)]
-pub struct Segment {
-    pub job: Arc<JobMeta>,
-    /// First row of this segment within its job.
-    pub job_offset: usize,
-    /// First row of this segment within the batch.
-    pub batch_offset: usize,
-    pub rows: usize,
-}
-
-impl Segment {
-    pub fn is_whole_job(&self) -> bool {
-        self.job_offset == 0 && self.rows == self.job.rows
-    }
-}
-
-/// Rows ready for one session run: row-major inputs and where each job's rows sit.
-#[derive(Debug)]
-pub struct Batch {
-    pub inputs: Vec<f32>,
-    pub rows: usize,
-    pub segments: Vec<Segment>,
-    pub closed_by: CloseReason,
-}
+use crate::supervisor::Supervisor;
 
 /// Jobs waiting for a batch, in arrival order, with how far each has been taken.
 #[derive(Debug, Default)]
@@ -145,11 +95,7 @@ impl Lanes {
 
     /// The lane the next batch comes from.
     fn next_lane(&self) -> Lane {
-        if self.online.is_empty() && !self.bulk.is_empty() {
-            Lane::Bulk
-        } else {
-            Lane::Online
-        }
+        lanes::next_batch(!self.online.is_empty(), !self.bulk.is_empty())
     }
 
     fn get(&mut self, lane: Lane) -> &mut Pending {
@@ -168,7 +114,8 @@ pub async fn run(
     bulk: BatchingSettings,
     mut jobs: mpsc::Receiver<Job>,
     scored: mpsc::Sender<ScoredBatch>,
-) {
+    runs: Supervisor,
+) -> Result<(), Closed> {
     let profile = |lane| match lane {
         Lane::Online => (model.batching.max_batch_rows, Duration::from_millis(model.batching.max_delay_ms)),
         Lane::Bulk => (bulk.max_batch_rows.max(1), Duration::from_millis(bulk.max_delay_ms)),
@@ -178,13 +125,13 @@ pub async fn run(
     loop {
         if pending.is_empty() {
             match jobs.recv().await {
-                Some(job) => admit(job, &mut pending, &scored).await,
+                Some(job) => admit(job, &mut pending, &scored).await?,
                 None => break,
             }
         }
         while open && pending.online.rows() < model.batching.max_batch_rows {
             match jobs.try_recv() {
-                Ok(job) => admit(job, &mut pending, &scored).await,
+                Ok(job) => admit(job, &mut pending, &scored).await?,
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
@@ -196,13 +143,13 @@ pub async fn run(
             if forming.rows() >= max_rows {
                 break (model.session().await, CloseReason::Size);
             }
-            let deadline = tokio::time::Instant::from_std(forming.oldest().unwrap_or_else(Instant::now) + max_delay);
+            let deadline = forming.oldest().unwrap_or_else(Instant::now) + max_delay;
             tokio::select! {
                 biased;
                 session = model.session() => break (session, if open { CloseReason::Idle } else { CloseReason::Drain }),
                 job = jobs.recv(), if open => match job {
                     Some(job) => {
-                        admit(job, &mut pending, &scored).await;
+                        admit(job, &mut pending, &scored).await?;
                         lane = pending.next_lane();
                     }
                     None => open = false,
@@ -214,47 +161,54 @@ pub async fn run(
         let lane = pending.next_lane();
         let batch = pending.get(lane).take(profile(lane).0, model.signature.n_features, closed_by);
         match session {
-            Ok(session) => infer::spawn(model.clone(), session, batch, scored.clone()),
-            Err(error) => fail(batch, error, &scored).await,
+            Ok(session) => infer::spawn(&runs, model.clone(), session, batch, scored.clone()),
+            Err(error) => fail(batch, error, &scored).await?,
         }
         if !open && pending.is_empty() {
             break;
         }
     }
+    Ok(())
 }
 
+/// The result stage stopped before this batcher: the pipeline is being torn down.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the result stage")]
+pub struct Closed;
+
 /// Queues `job` for a batch, unless its deadline has passed: then it is answered `expired`.
-async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>) {
+async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>) -> Result<(), Closed> {
     let now_ms = epoch_ms();
     match job.meta.deadline_ms {
         Some(deadline) if deadline < now_ms => {
             let rows = job.meta.rows;
-            let failure = JobFailure {
-                code: ErrorCode::Expired,
-                message: format!("the job's deadline passed {} ms before it could be scored", now_ms - deadline),
-            };
+            let rejection = Rejection::Expired(format!(
+                "the job's deadline passed {} ms before it could be scored",
+                now_ms - deadline
+            ));
             let segment = Segment { job: job.meta, job_offset: 0, batch_offset: 0, rows };
-            let batch = Batch { inputs: Vec::new(), rows, segments: vec![segment], closed_by: CloseReason::Drain };
-            // The result stage outlives every batcher; a closed channel means the worker is stopping.
-            let _ = scored.send(ScoredBatch::failed(batch, failure)).await;
+            scored.send(ScoredBatch::failed(vec![segment], rejection)).await.map_err(|_| Closed)
         }
-        _ => pending.get(job.meta.original.lane).push(job),
+        _ => {
+            pending.get(job.meta.lane).push(job);
+            Ok(())
+        }
     }
 }
 
-async fn fail(batch: Batch, error: InferenceError, scored: &mpsc::Sender<ScoredBatch>) {
-    let failed = ScoredBatch::failed(batch, error.into());
-    // The result stage outlives every batcher; a closed channel means the worker is stopping.
-    let _ = scored.send(failed).await;
+async fn fail(batch: Batch, error: InferenceError, scored: &mpsc::Sender<ScoredBatch>) -> Result<(), Closed> {
+    scored.send(ScoredBatch::failed(batch.segments, error.into())).await.map_err(|_| Closed)
 }
 
-/// One batcher per served model version, kept in step with the repository snapshot.
+/// One batcher per served model version, kept in step with the repository snapshot. Batchers and
+/// their runs are stages of the pipeline's [`Supervisor`]; dropping this closes every batcher,
+/// which then dispatches what it holds and ends.
 pub struct Batchers {
     routes: HashMap<u64, mpsc::Sender<Job>>,
     scored: mpsc::Sender<ScoredBatch>,
     capacity: usize,
     bulk: BatchingSettings,
-    tasks: JoinSet<()>,
+    stages: Supervisor,
 }
 
 impl Batchers {
@@ -263,8 +217,9 @@ impl Batchers {
         bulk: BatchingSettings,
         scored: mpsc::Sender<ScoredBatch>,
         capacity: usize,
+        stages: Supervisor,
     ) -> Self {
-        let mut batchers = Self { routes: HashMap::new(), scored, capacity, bulk, tasks: JoinSet::new() };
+        let mut batchers = Self { routes: HashMap::new(), scored, capacity, bulk, stages };
         batchers.sync(repository);
         batchers
     }
@@ -285,15 +240,124 @@ impl Batchers {
     pub fn route(&mut self, model: &Arc<ModelVersion>) -> &mpsc::Sender<Job> {
         self.routes.entry(model.id).or_insert_with(|| {
             let (jobs_tx, jobs_rx) = mpsc::channel(self.capacity);
-            self.tasks.spawn(run(Arc::clone(model), self.bulk, jobs_rx, self.scored.clone()));
+            let batcher = run(Arc::clone(model), self.bulk, jobs_rx, self.scored.clone(), self.stages.clone());
+            self.stages.spawn("batcher", batcher);
             jobs_tx
         })
     }
+}
 
-    /// Closes every batcher and waits until each has dispatched its last batch.
-    pub async fn drain(self) {
-        let Self { routes, scored, mut tasks, .. } = self;
-        drop((routes, scored));
-        while tasks.join_next().await.is_some() {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::Rejection;
+    use crate::supervisor::Watch;
+    use crate::testing::{job, linear_model};
+
+    /// Long enough that a test waiting for it would time out instead.
+    const FOREVER_MS: u64 = 600_000;
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    struct Running {
+        jobs: mpsc::Sender<Job>,
+        scored: mpsc::Receiver<ScoredBatch>,
+        _stages: (Supervisor, Watch),
+    }
+
+    fn start(model: &Arc<ModelVersion>) -> Running {
+        let (jobs, jobs_rx) = mpsc::channel(16);
+        let (scored_tx, scored) = mpsc::channel(16);
+        let (stages, watch) = Supervisor::new();
+        let bulk = BatchingSettings { max_batch_rows: 64, max_delay_ms: FOREVER_MS };
+        stages.spawn("batcher", run(Arc::clone(model), bulk, jobs_rx, scored_tx, stages.clone()));
+        Running { jobs, scored, _stages: (stages, watch) }
+    }
+
+    async fn next(running: &mut Running) -> ScoredBatch {
+        tokio::time::timeout(PATIENCE, running.scored.recv()).await.expect("a batch in time").expect("a batch")
+    }
+
+    fn seqs(batch: &ScoredBatch) -> Vec<u64> {
+        batch.segments.iter().map(|s| s.job.seq).collect()
+    }
+
+    /// The jobs of the next `n` runs, in the order the runs started: a run's outcome may reach
+    /// the result stage after a later run's, but a run starts only once the previous one gave its
+    /// session back, so start order is batch order on a single session.
+    async fn runs_in_order(running: &mut Running, n: usize) -> Vec<Vec<u64>> {
+        let mut batches = Vec::new();
+        for _ in 0..n {
+            batches.push(next(running).await);
+        }
+        batches.sort_by_key(|batch| batch.started_at);
+        batches.iter().map(seqs).collect()
+    }
+
+    #[tokio::test]
+    async fn an_idle_engine_takes_a_job_at_once() {
+        let model = linear_model(1, BatchingSettings { max_batch_rows: 64, max_delay_ms: FOREVER_MS });
+        let mut running = start(&model);
+        running.jobs.send(job(&model, 1, 3, Lane::Online)).await.expect("batcher runs");
+        // Waiting out max_delay_ms would outlast PATIENCE: the batch went because a session was free.
+        let batch = next(&mut running).await;
+        assert_eq!(seqs(&batch), [1]);
+        assert!(batch.outcome.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_engine_batches_what_arrives_for_at_most_max_delay() {
+        let model = linear_model(1, BatchingSettings { max_batch_rows: 64, max_delay_ms: 100 });
+        let mut running = start(&model);
+        let busy = model.session().await.expect("the only session");
+        running.jobs.send(job(&model, 1, 1, Lane::Online)).await.expect("batcher runs");
+        tokio::time::sleep(Duration::from_millis(99)).await;
+        running.jobs.send(job(&model, 2, 1, Lane::Online)).await.expect("batcher runs");
+        // 101 ms after the first job: its batch closed at 100 ms, so this one waits for the next.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        running.jobs.send(job(&model, 3, 1, Lane::Online)).await.expect("batcher runs");
+        drop(busy);
+        assert_eq!(runs_in_order(&mut running, 2).await, [vec![1, 2], vec![3]]);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_and_a_large_job_is_split() {
+        let model = linear_model(1, BatchingSettings { max_batch_rows: 4, max_delay_ms: FOREVER_MS });
+        let mut running = start(&model);
+        running.jobs.send(job(&model, 1, 10, Lane::Online)).await.expect("batcher runs");
+        let mut parts = Vec::new();
+        while parts.iter().map(|(_, rows)| rows).sum::<usize>() < 10 {
+            let batch = next(&mut running).await;
+            assert_eq!(seqs(&batch), [1]);
+            parts.push((batch.segments[0].job_offset, batch.segments[0].rows));
+        }
+        // Runs finish in any order; the result stage puts the parts back in row order.
+        parts.sort();
+        assert_eq!(parts, [(0, 4), (4, 4), (8, 2)]);
+    }
+
+    #[tokio::test]
+    async fn online_rows_go_before_bulk_rows() {
+        let model = linear_model(1, BatchingSettings { max_batch_rows: 64, max_delay_ms: FOREVER_MS });
+        let mut running = start(&model);
+        // On this single-threaded runtime the batcher first runs once both jobs are queued.
+        running.jobs.send(job(&model, 1, 2, Lane::Bulk)).await.expect("batcher runs");
+        running.jobs.send(job(&model, 2, 2, Lane::Online)).await.expect("batcher runs");
+        assert_eq!(runs_in_order(&mut running, 2).await, [vec![2], vec![1]]);
+    }
+
+    #[tokio::test]
+    async fn a_job_past_its_deadline_is_answered_expired_without_a_run() {
+        let model = linear_model(1, BatchingSettings { max_batch_rows: 64, max_delay_ms: FOREVER_MS });
+        let mut running = start(&model);
+        let mut late = job(&model, 1, 2, Lane::Online);
+        Arc::get_mut(&mut late.meta).expect("only holder").deadline_ms = Some(epoch_ms() - 1_000);
+        running.jobs.send(late).await.expect("batcher runs");
+        let batch = next(&mut running).await;
+        assert_eq!(seqs(&batch), [1]);
+        match &batch.outcome {
+            Err(Rejection::Expired(message)) => assert!(message.contains("deadline passed"), "{message}"),
+            other => panic!("expected an expired answer, got {other:?}"),
+        }
+        assert_eq!(batch.inference_time, Duration::ZERO, "no run");
     }
 }

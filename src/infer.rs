@@ -9,46 +9,67 @@ use std::time::Instant;
 use ort::session::Session;
 use tokio::sync::mpsc;
 
-use crate::batcher::{Batch, Segment};
-use crate::engine::{InferenceError, ModelVersion, PooledSession};
-use crate::pipeline::{JobFailure, ScoredBatch};
+use crate::engine::{Column, InferenceError, ModelVersion, PooledSession};
+use crate::faults;
+use crate::flow::{Batch, Rejection, ScoredBatch, Segment};
+use crate::supervisor::Supervisor;
 use crate::telemetry;
 
-/// Starts the run; the session returns to the pool when the run ends.
-pub fn spawn(model: Arc<ModelVersion>, mut session: PooledSession, batch: Batch, scored: mpsc::Sender<ScoredBatch>) {
-    tokio::spawn(async move {
-        let started_at = Instant::now();
-        let (name, version, rows, jobs, closed_by) =
-            (model.name.clone(), model.version, batch.rows, batch.segments.len(), batch.closed_by);
-        let (busy, idle) = model.session_usage();
-        telemetry::record_sessions(&name, version, busy, idle);
-        let usage = Arc::clone(&model);
-        let run = tokio::task::spawn_blocking(move || run_isolating(&model, &mut session, batch)).await;
-        // The session went back to the pool when the blocking task dropped it.
-        let (busy, idle) = usage.session_usage();
-        telemetry::record_sessions(&name, version, busy, idle);
-        let inference_time = started_at.elapsed();
-        let parts = match run {
-            Ok(parts) => parts,
-            Err(join_error) => {
-                // Only a runtime shutdown cancels a blocking task; its jobs stay unacknowledged and
-                // the broker redelivers them.
-                tracing::warn!(model = %name, version, error = %join_error, "inference cancelled");
-                return;
-            }
-        };
-        telemetry::record_batch(&name, version, rows, jobs, closed_by, inference_time);
-        for (segments, outcome) in parts {
-            let scored_batch = ScoredBatch { segments, outcome, started_at, inference_time };
-            // The result stage outlives every run; a closed channel means the worker is stopping.
-            if scored.send(scored_batch).await.is_err() {
-                return;
-            }
-        }
-    });
+/// The result stage stopped before this run delivered: the pipeline is being torn down.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the result stage")]
+pub struct Closed;
+
+/// Starts the run as a stage of `runs`; the session returns to the pool when the run ends.
+pub fn spawn(
+    runs: &Supervisor,
+    model: Arc<ModelVersion>,
+    session: PooledSession,
+    batch: Batch,
+    scored: mpsc::Sender<ScoredBatch>,
+) {
+    runs.spawn("inference", run(model, session, batch, scored));
 }
 
-type Part = (Vec<Segment>, Result<Vec<crate::engine::Column>, JobFailure>);
+async fn run(
+    model: Arc<ModelVersion>,
+    mut session: PooledSession,
+    batch: Batch,
+    scored: mpsc::Sender<ScoredBatch>,
+) -> Result<(), Closed> {
+    let started_at = Instant::now();
+    let (name, version, rows, jobs, closed_by) =
+        (model.name.clone(), model.version, batch.rows, batch.segments.len(), batch.closed_by);
+    let (busy, idle) = model.session_usage();
+    telemetry::record_sessions(&name, version, busy, idle);
+    let usage = Arc::clone(&model);
+    let run = tokio::task::spawn_blocking(move || run_isolating(&model, &mut session, batch)).await;
+    // The session went back to the pool when the blocking task dropped it.
+    let (busy, idle) = usage.session_usage();
+    telemetry::record_sessions(&name, version, busy, idle);
+    let inference_time = started_at.elapsed();
+    let parts = match run {
+        Ok(parts) => parts,
+        Err(join_error) if join_error.is_panic() => std::panic::resume_unwind(join_error.into_panic()),
+        Err(join_error) => {
+            // Only a runtime shutdown cancels a blocking task; its jobs stay unacknowledged and
+            // the broker redelivers them.
+            tracing::warn!(model = %name, version, error = %join_error, "inference cancelled");
+            return Ok(());
+        }
+    };
+    if faults::INFER_RUN.trip() {
+        panic!("fault injected into an inference run");
+    }
+    telemetry::record_batch(&name, version, rows, jobs, closed_by.as_str(), inference_time);
+    for (segments, outcome) in parts {
+        let scored_batch = ScoredBatch { segments, outcome, started_at, inference_time };
+        scored.send(scored_batch).await.map_err(|_| Closed)?;
+    }
+    Ok(())
+}
+
+type Part = (Vec<Segment>, Result<Vec<Column>, Rejection>);
 
 /// Runs `batch`; on failure re-runs each half, down to single jobs, and returns every part.
 fn run_isolating(model: &ModelVersion, session: &mut Session, batch: Batch) -> Vec<Part> {
@@ -80,15 +101,4 @@ fn halve(mut batch: Batch, n_features: usize) -> (Batch, Batch) {
         Batch { inputs: second_inputs, rows: batch.rows - first_rows, segments: rebased, closed_by: batch.closed_by };
     let first = Batch { inputs: batch.inputs, rows: first_rows, segments: batch.segments, closed_by: batch.closed_by };
     (first, second)
-}
-
-impl ScoredBatch {
-    pub fn failed(batch: Batch, failure: JobFailure) -> Self {
-        ScoredBatch {
-            segments: batch.segments,
-            outcome: Err(failure),
-            started_at: Instant::now(),
-            inference_time: Default::default(),
-        }
-    }
 }

@@ -11,72 +11,11 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::Deserialize;
 
 use crate::engine::ModelVersion;
+use crate::flow::{Protocol, Rejected, Rejection};
 use crate::oip::{self, InputsField, Tensor};
 use crate::settings::LimitSettings;
 
 pub const MAX_JOB_ID_CHARS: usize = 256;
-
-/// Error codes of the wire contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    InvalidJson,
-    InvalidInput,
-    UnknownModel,
-    TooLarge,
-    Internal,
-    /// The job's deadline passed before it could be scored.
-    Expired,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::InvalidInput => "invalid_input",
-            ErrorCode::UnknownModel => "unknown_model",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Internal => "internal",
-            ErrorCode::Expired => "expired",
-        }
-    }
-}
-
-/// The wire form of a job, which its result (ok or error) answers in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Protocol {
-    /// `job_id`, `model`, `rows` or `records`; results with `status` and `outputs` by name.
-    #[default]
-    Native,
-    /// Open Inference Protocol (KServe V2): `id`, `model_name`, `inputs` tensors; results with
-    /// `outputs` tensors.
-    OpenInference,
-}
-
-/// A job that cannot be scored, with what is known about it for the error result.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{code:?}: {message}")]
-pub struct JobError {
-    pub job_id: Option<String>,
-    pub model: Option<String>,
-    pub model_version: Option<u64>,
-    pub code: ErrorCode,
-    pub message: String,
-    pub protocol: Protocol,
-}
-
-impl JobError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            job_id: None,
-            model: None,
-            model_version: None,
-            code,
-            message: message.into(),
-            protocol: Protocol::Native,
-        }
-    }
-}
 
 /// What the broker handed over, as far as decoding is concerned.
 #[derive(Debug, Clone, Copy)]
@@ -121,163 +60,197 @@ impl Features {
 }
 
 /// Parses and checks everything that does not depend on the model.
-pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobRequest, JobError> {
-    let fallback_id = envelope.message_id.filter(|id| !id.is_empty()).map(str::to_string);
-    let header_model = envelope.model_header.map(str::to_string);
-    // Until the body is read, only the x-model header tells an Open Inference Protocol job.
-    let with_id = |mut e: JobError| {
-        e.job_id = e.job_id.or_else(|| fallback_id.clone());
-        if header_model.is_some() {
-            e.protocol = Protocol::OpenInference;
-            e.model = e.model.or_else(|| header_model.clone());
-        }
-        e
+pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobRequest, Rejected> {
+    let known = Known::from(&envelope);
+    check_envelope(&envelope, limits).map_err(|reason| known.complete(Rejected::anonymous(reason)))?;
+    let body = parse(envelope.body, envelope.model_header.is_some()).map_err(|error| known.complete(error))?;
+    let protocol =
+        if body.inputs.is_some() || known.model.is_some() { Protocol::OpenInference } else { Protocol::Native };
+    let (id_field, job_id, model) = identify(protocol, body.job_id, body.model, body.id, body.model_name, &known)?;
+    let rejected = |reason| Rejected {
+        job_id: Some(job_id.clone()),
+        model: model.clone(),
+        model_version: body.model_version,
+        protocol,
+        reason,
     };
+    if job_id.is_empty() || job_id.chars().count() > MAX_JOB_ID_CHARS {
+        return Err(rejected(Rejection::InvalidInput(format!(
+            "{id_field} must have 1 to {MAX_JOB_ID_CHARS} characters"
+        ))));
+    }
+    let Some(model_name) = model.clone() else {
+        return Err(rejected(Rejection::InvalidInput(
+            match protocol {
+                Protocol::Native => "job has no model; name the model to score with",
+                Protocol::OpenInference => {
+                    "job has no model_name and the message has no x-model header; name the model to score with"
+                }
+            }
+            .into(),
+        )));
+    };
+    let features = features(protocol, body.rows, body.records, body.inputs).map_err(rejected)?;
+    check_row_count(&features, limits).map_err(rejected)?;
+    Ok(JobRequest { job_id, model: model_name, model_version: body.model_version, features, protocol })
+}
+
+/// What the message tells about a job before its body is read, for the error result of a body
+/// that cannot be read.
+struct Known {
+    message_id: Option<String>,
+    /// The `x-model` header: it also marks an Open Inference Protocol job.
+    model: Option<String>,
+}
+
+impl Known {
+    fn from(envelope: &Envelope<'_>) -> Self {
+        Self {
+            message_id: envelope.message_id.filter(|id| !id.is_empty()).map(str::to_string),
+            model: envelope.model_header.map(str::to_string),
+        }
+    }
+
+    /// Fills in what `error` does not know from the message.
+    fn complete(&self, mut error: Rejected) -> Rejected {
+        error.job_id = error.job_id.or_else(|| self.message_id.clone());
+        if self.model.is_some() {
+            error.protocol = Protocol::OpenInference;
+            error.model = error.model.or_else(|| self.model.clone());
+        }
+        error
+    }
+}
+
+/// Content type, size, encoding and shape of the body, before it is parsed.
+fn check_envelope(envelope: &Envelope<'_>, limits: &LimitSettings) -> Result<(), Rejection> {
     if let Some(content_type) = envelope.content_type {
         let essence = content_type.split(';').next().unwrap_or_default().trim();
         if !essence.is_empty() && !essence.eq_ignore_ascii_case("application/json") {
-            return Err(with_id(JobError::new(
-                ErrorCode::InvalidInput,
-                format!("content_type {content_type:?} is not supported; send application/json"),
+            return Err(Rejection::InvalidInput(format!(
+                "content_type {content_type:?} is not supported; send application/json"
             )));
         }
     }
-    if envelope.body.len() > limits.max_job_bytes {
-        return Err(with_id(JobError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "job body has {} bytes; the limit is {} (limits.max_job_bytes)",
-                envelope.body.len(),
-                limits.max_job_bytes
-            ),
+    let body = envelope.body;
+    if body.len() > limits.max_job_bytes {
+        return Err(Rejection::TooLarge(format!(
+            "job body has {} bytes; the limit is {} (limits.max_job_bytes)",
+            body.len(),
+            limits.max_job_bytes
         )));
     }
-    if let Err(e) = std::str::from_utf8(envelope.body) {
-        return Err(with_id(JobError::new(
-            ErrorCode::InvalidJson,
-            format!("job body is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(Rejection::InvalidJson(format!(
+            "job body is not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
         )));
     }
-    match envelope.body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => {}
-        None => return Err(with_id(JobError::new(ErrorCode::InvalidJson, "job body is empty; send a JSON object"))),
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        None => Err(Rejection::InvalidJson("job body is empty; send a JSON object".into())),
         Some(_) => {
-            return Err(with_id(JobError::new(
-                ErrorCode::InvalidJson,
-                format!("job body must be a JSON object, found {}", describe_json_start(envelope.body)),
-            )))
+            Err(Rejection::InvalidJson(format!("job body must be a JSON object, found {}", describe_json_start(body))))
         }
     }
-    let body: JobBody = serde_json::from_slice(envelope.body).map_err(|e| {
+}
+
+/// The body as JSON; a value of the wrong kind is `invalid_input`, with the job's id and model
+/// where they can still be read.
+fn parse(body: &[u8], marked: bool) -> Result<JobBody, Rejected> {
+    serde_json::from_slice(body).map_err(|e| {
         // serde_json reports numbers beyond f64 (1e400) as a syntax error; they are bad values.
-        let code = match e.classify() {
-            serde_json::error::Category::Data => ErrorCode::InvalidInput,
-            _ if e.to_string().starts_with("number out of range") => ErrorCode::InvalidInput,
-            _ => ErrorCode::InvalidJson,
-        };
-        let mut error = JobError::new(code, e.to_string());
-        if code == ErrorCode::InvalidInput {
-            (error.job_id, error.model, error.protocol) = identify(envelope.body, envelope.model_header.is_some());
+        let bad_value =
+            e.classify() == serde_json::error::Category::Data || e.to_string().starts_with("number out of range");
+        if !bad_value {
+            return Rejected::anonymous(Rejection::InvalidJson(format!("{INVALID_JSON_PREFIX}{e}")));
         }
-        with_id(error)
-    })?;
-    let protocol = if body.inputs.is_some() || envelope.model_header.is_some() {
-        Protocol::OpenInference
-    } else {
-        Protocol::Native
-    };
+        let (job_id, model, protocol) = identify_unreadable(body, marked);
+        Rejected { job_id, model, model_version: None, protocol, reason: Rejection::InvalidInput(e.to_string()) }
+    })
+}
+
+/// How an `invalid_json` message about a body that is not JSON starts.
+pub const INVALID_JSON_PREFIX: &str = "body is not valid JSON: ";
+
+/// The job's id field name, id and model, each from the body or else the message.
+fn identify(
+    protocol: Protocol,
+    job_id: Option<String>,
+    model: Option<String>,
+    id: Option<serde_json::Value>,
+    model_name: Option<serde_json::Value>,
+    known: &Known,
+) -> Result<(&'static str, String, Option<String>), Rejected> {
     let (id_field, job_id, model) = match protocol {
-        Protocol::Native => ("job_id", body.job_id, body.model),
+        Protocol::Native => ("job_id", job_id, model),
         Protocol::OpenInference => {
             let text = |field: &str, value: Option<serde_json::Value>| match value {
                 Some(serde_json::Value::String(s)) => Ok(Some(s)),
                 None => Ok(None),
-                Some(other) => Err(with_id(JobError {
+                Some(other) => Err(known.complete(Rejected {
                     protocol,
-                    ..JobError::new(ErrorCode::InvalidInput, format!("{field} must be a string, found {other}"))
+                    ..Rejected::anonymous(Rejection::InvalidInput(format!("{field} must be a string, found {other}")))
                 })),
             };
-            ("id", text("id", body.id)?, text("model_name", body.model_name)?.or_else(|| header_model.clone()))
+            ("id", text("id", id)?, text("model_name", model_name)?.or_else(|| known.model.clone()))
         }
     };
-    let job_id = job_id.or(fallback_id).ok_or_else(|| JobError {
+    let job_id = job_id.or_else(|| known.message_id.clone()).ok_or_else(|| Rejected {
         protocol,
-        ..JobError::new(
-            ErrorCode::InvalidInput,
-            format!("job has no {id_field} and the message has no message_id; set one of them"),
-        )
+        ..Rejected::anonymous(Rejection::InvalidInput(format!(
+            "job has no {id_field} and the message has no message_id; set one of them"
+        )))
     })?;
-    let fail = |code, message: String| JobError {
-        job_id: Some(job_id.clone()),
-        model: model.clone(),
-        model_version: body.model_version,
-        code,
-        message,
-        protocol,
-    };
-    if job_id.is_empty() || job_id.chars().count() > MAX_JOB_ID_CHARS {
-        return Err(fail(ErrorCode::InvalidInput, format!("{id_field} must have 1 to {MAX_JOB_ID_CHARS} characters")));
+    Ok((id_field, job_id, model))
+}
+
+/// The job's features in the one form it sent.
+fn features(
+    protocol: Protocol,
+    rows: Option<RowsField>,
+    records: Option<RecordsField>,
+    inputs: Option<InputsField>,
+) -> Result<Features, Rejection> {
+    let invalid = |message: &str| Err(Rejection::InvalidInput(message.into()));
+    match (protocol, rows, records, inputs) {
+        (Protocol::Native, Some(_), Some(_), _) => invalid("job has both rows and records; send one of them"),
+        (Protocol::Native, None, None, _) => invalid("job has neither rows nor records"),
+        (Protocol::Native, Some(rows), None, _) => Ok(Features::Rows { values: rows.values, widths: rows.widths }),
+        (Protocol::Native, None, Some(records), _) => Ok(Features::Records(records.0)),
+        (Protocol::OpenInference, Some(_), ..) | (Protocol::OpenInference, _, Some(_), _) => invalid(
+            "job has inputs or an x-model header (Open Inference Protocol) and also rows or records; send one form",
+        ),
+        (Protocol::OpenInference, _, _, None) => invalid("job has no inputs; send at least one tensor"),
+        (Protocol::OpenInference, _, _, Some(inputs)) => Ok(Features::Tensors(oip::tensors(inputs)?)),
     }
-    let Some(model) = model.clone() else {
-        let message = match protocol {
-            Protocol::Native => "job has no model; name the model to score with",
-            Protocol::OpenInference => {
-                "job has no model_name and the message has no x-model header; name the model to score with"
-            }
-        };
-        return Err(fail(ErrorCode::InvalidInput, message.into()));
-    };
-    let native = body.rows.is_some() || body.records.is_some();
-    let features = match (protocol, body.rows, body.records, body.inputs) {
-        (Protocol::Native, Some(_), Some(_), _) => {
-            return Err(fail(ErrorCode::InvalidInput, "job has both rows and records; send one of them".into()))
-        }
-        (Protocol::Native, None, None, _) => {
-            return Err(fail(ErrorCode::InvalidInput, "job has neither rows nor records".into()))
-        }
-        (Protocol::Native, Some(rows), None, _) => Features::Rows { values: rows.values, widths: rows.widths },
-        (Protocol::Native, None, Some(records), _) => Features::Records(records.0),
-        (Protocol::OpenInference, ..) if native => {
-            return Err(fail(
-                ErrorCode::InvalidInput,
-                "job has inputs or an x-model header (Open Inference Protocol) and also rows or records; send one \
-                 form"
-                    .into(),
-            ))
-        }
-        (Protocol::OpenInference, _, _, None) => {
-            return Err(fail(ErrorCode::InvalidInput, "job has no inputs; send at least one tensor".into()))
-        }
-        (Protocol::OpenInference, _, _, Some(inputs)) => {
-            Features::Tensors(oip::tensors(inputs).map_err(|message| fail(ErrorCode::InvalidInput, message))?)
-        }
-    };
+}
+
+fn check_row_count(features: &Features, limits: &LimitSettings) -> Result<(), Rejection> {
     match features.row_count() {
-        0 => return Err(fail(ErrorCode::InvalidInput, "job has no rows; send at least one".into())),
-        n if n > limits.max_rows_per_job => {
-            return Err(fail(
-                ErrorCode::TooLarge,
-                format!("job has {n} rows; the limit is {} (limits.max_rows_per_job)", limits.max_rows_per_job),
-            ))
-        }
-        _ => {}
+        0 => Err(Rejection::InvalidInput("job has no rows; send at least one".into())),
+        n if n > limits.max_rows_per_job => Err(Rejection::TooLarge(format!(
+            "job has {n} rows; the limit is {} (limits.max_rows_per_job)",
+            limits.max_rows_per_job
+        ))),
+        _ => Ok(()),
     }
-    Ok(JobRequest { job_id, model, model_version: body.model_version, features, protocol })
 }
 
 /// Lays the job's rows out as the model's input matrix (row-major, `rows × n_features`).
-pub fn bind(features: Features, model: &ModelVersion) -> Result<Vec<f32>, String> {
+pub fn bind(features: Features, model: &ModelVersion) -> Result<Vec<f32>, Rejection> {
     let expected = model.signature.n_features;
+    let invalid = |message: String| Err(Rejection::InvalidInput(message));
     match features {
         Features::Rows { values, widths } => {
             if let Some((row, width)) = widths.iter().enumerate().find(|(_, &w)| w != expected) {
-                return Err(format!("row {row} has {width} values; model {} expects {expected}", model.name));
+                return invalid(format!("row {row} has {width} values; model {} expects {expected}", model.name));
             }
             Ok(values)
         }
         Features::Records(records) => {
             let Some(names) = &model.feature_names else {
-                return Err(format!(
+                return invalid(format!(
                     "model {} has no feature names (config.yaml features); send rows instead of records",
                     model.name
                 ));
@@ -288,7 +261,7 @@ pub fn bind(features: Features, model: &ModelVersion) -> Result<Vec<f32>, String
                 let row = &mut matrix[i * expected..(i + 1) * expected];
                 for (name, value) in record {
                     let Some(&column) = model.feature_index.get(name) else {
-                        return Err(format!(
+                        return invalid(format!(
                             "records[{i}] has {name:?}, which is not a feature of model {}",
                             model.name
                         ));
@@ -296,7 +269,7 @@ pub fn bind(features: Features, model: &ModelVersion) -> Result<Vec<f32>, String
                     row[column] = *value;
                 }
                 if let Some(missing) = row.iter().position(|v| v.is_nan()) {
-                    return Err(format!("records[{i}] has no value for feature {:?}", names[missing]));
+                    return invalid(format!("records[{i}] has no value for feature {:?}", names[missing]));
                 }
             }
             Ok(matrix)
@@ -329,7 +302,7 @@ struct JobBody {
 
 /// Best effort job id, model and form of a body that failed validation, for the error result;
 /// `marked` when the message carries the x-model header.
-fn identify(body: &[u8], marked: bool) -> (Option<String>, Option<String>, Protocol) {
+fn identify_unreadable(body: &[u8], marked: bool) -> (Option<String>, Option<String>, Protocol) {
     #[derive(Deserialize)]
     struct Ids {
         #[serde(default)]
@@ -553,12 +526,13 @@ impl<'de> Visitor<'de> for RecordSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::ErrorCode;
 
     fn limits() -> LimitSettings {
         LimitSettings { max_rows_per_job: 3, max_job_bytes: 1000, ..Default::default() }
     }
 
-    fn decode_str(body: &str) -> Result<JobRequest, JobError> {
+    fn decode_str(body: &str) -> Result<JobRequest, Rejected> {
         decode(Envelope { body: body.as_bytes(), message_id: None, content_type: None, model_header: None }, &limits())
     }
 
@@ -581,30 +555,182 @@ mod tests {
     #[test]
     fn errors_name_the_problem_and_keep_the_job_id() {
         let err = decode_str(r#"{"job_id":"a","model":"m","rows":[[1,"x"]]}"#).unwrap_err();
-        assert_eq!((err.code, err.job_id.as_deref()), (ErrorCode::InvalidInput, Some("a")));
-        assert!(err.message.contains("rows[0][1]"), "{}", err.message);
+        assert_eq!((err.reason.code(), err.job_id.as_deref()), (ErrorCode::InvalidInput, Some("a")));
+        assert!(err.reason.message().contains("rows[0][1]"), "{}", err.reason);
 
         let err = decode_str(r#"{"job_id":"a","model":"m","rows":[[1e39]]}"#).unwrap_err();
-        assert!(err.message.contains("outside the float32 range"), "{}", err.message);
+        assert!(err.reason.message().contains("outside the float32 range"), "{}", err.reason);
 
         let err = decode_str(r#"[1,2]"#).unwrap_err();
-        assert_eq!(err.code, ErrorCode::InvalidJson);
-        assert!(err.message.contains("an array"), "{}", err.message);
+        assert_eq!(err.reason.code(), ErrorCode::InvalidJson);
+        assert!(err.reason.message().contains("an array"), "{}", err.reason);
 
         let err = decode_str(r#"{"job_id":"a","model":"m","rows":[[1],[2],[3],[4]]}"#).unwrap_err();
-        assert_eq!(err.code, ErrorCode::TooLarge);
+        assert_eq!(err.reason.code(), ErrorCode::TooLarge);
 
         let err = decode_str(r#"{"job_id":"a","model":"m","rows":[]}"#).unwrap_err();
-        assert!(err.message.contains("no rows"), "{}", err.message);
+        assert!(err.reason.message().contains("no rows"), "{}", err.reason);
 
         let envelope = Envelope { body: b"{\xff}", message_id: None, content_type: None, model_header: None };
         let err = decode(envelope, &limits()).unwrap_err();
-        assert_eq!(err.code, ErrorCode::InvalidJson);
+        assert_eq!(err.reason.code(), ErrorCode::InvalidJson);
     }
 
     #[test]
     fn records_keep_names() {
         let job = decode_str(r#"{"job_id":"a","model":"m","records":[{"x":1,"y":2}]}"#).unwrap();
         assert_eq!(job.features, Features::Records(vec![vec![("x".into(), 1.0), ("y".into(), 2.0)]]));
+    }
+}
+
+#[cfg(test)]
+mod open_inference_tests {
+    use super::*;
+    use crate::flow::ErrorCode;
+
+    fn decode_with(body: &str, message_id: Option<&str>, model_header: Option<&str>) -> Result<JobRequest, Rejected> {
+        let limits = LimitSettings { max_rows_per_job: 3, max_job_bytes: 10_000, ..Default::default() };
+        decode(Envelope { body: body.as_bytes(), message_id, content_type: None, model_header }, &limits)
+    }
+
+    fn decode_str(body: &str) -> Result<JobRequest, Rejected> {
+        decode_with(body, None, None)
+    }
+
+    fn input(datatype: &str, shape: &str, data: &str) -> String {
+        let tensor = format!(r#"{{"name":"x","shape":{shape},"datatype":"{datatype}","data":{data}}}"#);
+        format!(r#"{{"id":"a","model_name":"m","inputs":[{tensor}]}}"#)
+    }
+
+    fn tensors(job: JobRequest) -> Vec<Tensor> {
+        match job.features {
+            Features::Tensors(tensors) => tensors,
+            other => panic!("expected tensors, got {other:?}"),
+        }
+    }
+
+    fn message(body: &str) -> String {
+        let error = decode_str(body).unwrap_err();
+        assert_eq!(error.protocol, Protocol::OpenInference, "{error:?}");
+        error.reason.message().to_string()
+    }
+
+    #[test]
+    fn one_tensor_decodes_flat_or_nested() {
+        let body = r#"{"id":"a","model_name":"m","model_version":"2","parameters":{"p":1},
+            "inputs":[{"name":"x","shape":[2,3],"datatype":"FP32","parameters":{},"data":[1,2,3,4,5,6.5]}]}"#;
+        let job = decode_str(body).unwrap();
+        assert_eq!((job.job_id.as_str(), job.model.as_str(), job.model_version), ("a", "m", Some(2)));
+        assert_eq!(job.protocol, Protocol::OpenInference);
+        assert_eq!(job.features.row_count(), 2);
+        let flat = tensors(job);
+        assert_eq!(flat, vec![Tensor { name: "x".into(), shape: vec![2, 3], values: vec![1., 2., 3., 4., 5., 6.5] }]);
+        let nested = tensors(decode_str(&input("FP32", "[2,3]", "[[1,2,3],[4,5,6.5]]")).unwrap());
+        assert_eq!(nested[0].values, flat[0].values);
+    }
+
+    #[test]
+    fn integer_and_double_datatypes_convert_to_f32() {
+        for datatype in ["INT32", "INT64", "FP64", "fp64"] {
+            let job = decode_str(&input(datatype, "[1,2]", "[3, -4]")).unwrap();
+            assert_eq!(tensors(job)[0].values, vec![3.0, -4.0], "{datatype}");
+        }
+        let job = decode_str(&input("FP64", "[1,1]", "[0.1]")).unwrap();
+        assert_eq!(tensors(job)[0].values, vec![0.1f32]);
+    }
+
+    #[test]
+    fn unsupported_datatypes_and_bad_values_are_named() {
+        let text = message(&input("BYTES", "[1,1]", r#"["a"]"#));
+        assert!(text.contains(r#"datatype "BYTES"; batchscore accepts FP32, FP64, INT32 or INT64"#), "{text}");
+        let text = message(&input("BOOL", "[1,1]", "[true]"));
+        assert!(text.contains(r#"datatype "BOOL""#), "{text}");
+        let text = message(&input("FP32", "[1,2]", r#"[1,"2"]"#));
+        assert!(text.contains(r#"inputs[0] ("x") data[1] is a string, not a number"#), "{text}");
+        let text = message(&input("INT64", "[1,2]", "[1,1.5]"));
+        assert!(text.contains("has datatype INT64 but data[1] = 1.5 is not an integer"), "{text}");
+        let text = message(&input("FP64", "[1,1]", "[1e39]"));
+        assert!(text.contains("data[0] = 1e39 is outside the float32 range"), "{text}");
+        let text = message(r#"{"id":"a","model_name":"m","inputs":[{"name":"x","shape":[1,1],"data":[1]}]}"#);
+        assert!(text.contains("has no datatype"), "{text}");
+        let text = message(r#"{"id":"a","model_name":"m","inputs":[{"shape":[1,1],"datatype":"FP32","data":[1]}]}"#);
+        assert!(text.contains("inputs[0] has no name"), "{text}");
+    }
+
+    #[test]
+    fn shapes_must_hold_the_data_and_inputs_agree_on_rows() {
+        let text = message(&input("FP32", "[2,2]", "[1,2,3]"));
+        assert!(text.contains("has shape [2, 2], which holds 4 values, but data has 3"), "{text}");
+        let text = message(&input("FP32", "[1,1,1]", "[1]"));
+        assert!(text.contains("has shape [1, 1, 1]; inputs have shape [rows, columns]"), "{text}");
+        let text = message(&input("FP32", "[]", "[]"));
+        assert!(text.contains("has shape []"), "{text}");
+        let two = |second: &str| {
+            format!(
+                r#"{{"id":"a","model_name":"m","inputs":[{{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}},
+                {second}]}}"#
+            )
+        };
+        let text = message(&two(r#"{"name":"y","shape":[1],"datatype":"FP32","data":[1]}"#));
+        assert!(text.contains(r#"inputs[1] ("y") has 1 rows but inputs[0] ("x") has 2"#), "{text}");
+        let text = message(&two(r#"{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}"#));
+        assert!(text.contains(r#"two tensors named "x""#), "{text}");
+        let text = message(r#"{"id":"a","model_name":"m","inputs":[]}"#);
+        assert!(text.contains("job has no inputs"), "{text}");
+        let text = message(&input("FP32", "[0,2]", "[]"));
+        assert!(text.contains("no rows"), "{text}");
+        let error = decode_str(&input("FP32", "[4,1]", "[1,2,3,4]")).unwrap_err();
+        assert_eq!((error.reason.code(), error.protocol), (ErrorCode::TooLarge, Protocol::OpenInference));
+    }
+
+    #[test]
+    fn model_and_id_come_from_the_message_when_the_body_has_none() {
+        let body = r#"{"inputs":[{"name":"x","shape":[1,1],"datatype":"FP32","data":[1]}]}"#;
+        let job = decode_with(body, Some("mid"), Some("linear")).unwrap();
+        assert_eq!((job.job_id.as_str(), job.model.as_str()), ("mid", "linear"));
+        let body =
+            r#"{"id":"a","model_name":"mlp","inputs":[{"name":"x","shape":[1,1],"datatype":"FP32","data":[1]}]}"#;
+        assert_eq!(decode_with(body, Some("mid"), Some("linear")).unwrap().model, "mlp", "the body wins");
+        let error = decode_with(r#"{"id":"a","inputs":[]}"#, None, None).unwrap_err();
+        assert!(error.reason.message().contains("no model_name and the message has no x-model header"), "{error:?}");
+        let error = decode_with(r#"{"model_name":"m","inputs":[]}"#, None, None).unwrap_err();
+        assert!(error.reason.message().contains("job has no id and the message has no message_id"), "{error:?}");
+        assert_eq!(error.protocol, Protocol::OpenInference);
+    }
+
+    #[test]
+    fn unreadable_bodies_answer_in_the_form_they_were_sent_in() {
+        let error = decode_with("{not json", Some("mid"), Some("linear")).unwrap_err();
+        assert_eq!((error.reason.code(), error.protocol), (ErrorCode::InvalidJson, Protocol::OpenInference));
+        assert_eq!((error.job_id.as_deref(), error.model.as_deref()), (Some("mid"), Some("linear")));
+        assert_eq!(decode_with("{not json", None, None).unwrap_err().protocol, Protocol::Native);
+
+        let body = r#"{"id":"a","model_name":"m","inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[{}]}]}"#;
+        let error = decode_str(body).unwrap_err();
+        assert_eq!((error.reason.code(), error.protocol), (ErrorCode::InvalidInput, Protocol::OpenInference));
+        assert_eq!((error.job_id.as_deref(), error.model.as_deref()), (Some("a"), Some("m")));
+        assert!(
+            error.reason.message().contains("inputs[0].data to be an array of numbers"),
+            "{}",
+            error.reason.message()
+        );
+
+        let text = message(r#"{"id":7,"model_name":"m","inputs":[]}"#);
+        assert!(text.contains("id must be a string, found 7"), "{text}");
+        let text = message(&input("FP32", "[1,1]", "[1]").replace(r#""id":"a""#, r#""model_version":"two""#));
+        assert!(text.contains(r#"model_version "two" is not a version number"#), "{text}");
+        let text = message(r#"{"id":"a","model_name":"m","rows":[[1]],"inputs":[]}"#);
+        assert!(text.contains("also rows or records; send one form"), "{text}");
+        let text = message(r#"{"id":"a","model_name":"m","inputs":{"x":[1]}}"#);
+        assert!(text.contains("inputs as an array of tensors"), "{text}");
+    }
+
+    #[test]
+    fn native_jobs_ignore_protocol_members_they_do_not_use() {
+        let body = r#"{"job_id":"a","model":"m","id":5,"model_name":[1],"rows":[[1,2]]}"#;
+        let job = decode_str(body).unwrap();
+        assert_eq!((job.job_id.as_str(), job.model.as_str(), job.protocol), ("a", "m", Protocol::Native));
+        let error = decode_str(r#"{"job_id":"a","model":"m","rows":[["x"]]}"#).unwrap_err();
+        assert_eq!((error.protocol, error.job_id.as_deref()), (Protocol::Native, Some("a")));
     }
 }

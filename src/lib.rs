@@ -2,33 +2,43 @@
 //! jobs are scored together in ONNX Runtime, and each job gets one confirmed result message.
 //!
 //! # Layout
-//! Data flows one way, each stage in its own module, joined by bounded channels:
+//! Data flows one way, each stage in its own module, joined by bounded channels that
+//! [`pipeline`] creates; [`supervisor`] owns every task, and [`flow`] holds the types they pass:
 //!
 //! - [`amqp::consumer`]: deliveries → [`job`] decode/validate (native form, or the Open Inference
-//!   Protocol form in [`oip`]) → route to a batcher
+//!   Protocol form in [`oip`]) → route to a batcher; [`lanes`] decides which lane takes next
 //! - [`batcher`]: one per model version; forms batches across jobs, splits large jobs
 //! - [`infer`]: runs a batch on a pooled session of the [`engine`]
-//! - [`result`]: scatters scores back to jobs, reassembles split jobs, encodes results
+//! - [`result`]: scatters scores back to jobs, reassembles split jobs; [`encode`] writes the bodies
 //! - [`amqp::publisher`]: publishes with confirms, then acknowledges the job
 //!
-//! [`budget`] caps the rows each lane holds; [`pipeline`] wires the stages and reconnects; [`reload`] keeps the served model versions in
-//! step with the repository; [`worker`] starts everything; [`settings`]
-//! and [`telemetry`] serve all stages; [`submit`] and [`inspect`] are client commands.
+//! [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
+//! with the repository; [`worker`] starts everything; [`settings`] and [`telemetry`] serve all
+//! stages; [`submit`] and [`inspect`] are client commands; [`faults`] lets tests make a stage
+//! panic.
 
 #![forbid(unsafe_code)]
 
 pub mod amqp;
 pub mod batcher;
 pub mod budget;
+pub mod encode;
 pub mod engine;
+#[doc(hidden)]
+pub mod faults;
+pub mod flow;
 pub mod infer;
 pub mod inspect;
 pub mod job;
+pub mod lanes;
 pub mod oip;
 pub mod pipeline;
 pub mod reload;
 pub mod result;
 pub mod settings;
 pub mod submit;
+pub mod supervisor;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod worker;

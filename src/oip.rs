@@ -2,16 +2,16 @@
 //! into f32 buffers, checked on their own, and then laid out as the model's input matrix, either
 //! from one `[rows, features]` tensor or from one `[rows]` tensor per named feature.
 //!
-//! The result side of the protocol is encoded in [`crate::result`].
+//! The result side of the protocol is encoded in [`crate::encode`].
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use lapin::types::AMQPValue;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::engine::ModelVersion;
+use crate::flow::Rejection;
 
 /// AMQP header naming the model of a job whose body has no `model_name`. It also marks the
 /// message as an Open Inference Protocol job, so that even a body that cannot be read is
@@ -23,16 +23,6 @@ const ACCEPTED_DATATYPES: &str = "FP32, FP64, INT32 or INT64";
 
 /// Most feature names quoted in one error message; the rest are counted.
 const MAX_NAMES_LISTED: usize = 5;
-
-/// The `x-model` header of a message; absent when missing, empty or not a string.
-pub fn model_header(properties: &lapin::BasicProperties) -> Option<&str> {
-    let model = match properties.headers().as_ref()?.inner().get(MODEL_HEADER)? {
-        AMQPValue::ShortString(value) => value.as_str(),
-        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok()?,
-        _ => return None,
-    };
-    Some(model).filter(|m| !m.is_empty())
-}
 
 /// One input tensor of a job: checked, its values converted to f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +62,11 @@ impl Datatype {
 
 /// Checks each decoded input on its own and against the others: everything that does not need
 /// the model.
-pub(crate) fn tensors(inputs: InputsField) -> Result<Vec<Tensor>, String> {
+pub(crate) fn tensors(inputs: InputsField) -> Result<Vec<Tensor>, Rejection> {
+    checked_tensors(inputs).map_err(Rejection::InvalidInput)
+}
+
+fn checked_tensors(inputs: InputsField) -> Result<Vec<Tensor>, String> {
     if inputs.0.is_empty() {
         return Err("job has no inputs; send at least one tensor".into());
     }
@@ -133,7 +127,7 @@ pub(crate) fn tensors(inputs: InputsField) -> Result<Vec<Tensor>, String> {
 }
 
 /// Lays the job's input tensors out as the model's input matrix (row-major, `rows × n_features`).
-pub fn lay_out(tensors: Vec<Tensor>, model: &ModelVersion) -> Result<Vec<f32>, String> {
+pub fn lay_out(tensors: Vec<Tensor>, model: &ModelVersion) -> Result<Vec<f32>, Rejection> {
     let layout = Layout {
         model: &model.name,
         input_name: &model.signature.input_name,
@@ -141,7 +135,7 @@ pub fn lay_out(tensors: Vec<Tensor>, model: &ModelVersion) -> Result<Vec<f32>, S
         feature_names: model.feature_names.as_deref(),
         feature_index: &model.feature_index,
     };
-    assemble(tensors, &layout)
+    assemble(tensors, &layout).map_err(Rejection::InvalidInput)
 }
 
 /// What laying out inputs needs to know about the model.
@@ -382,150 +376,6 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{decode, Envelope, ErrorCode, Features, JobError, JobRequest, Protocol};
-    use crate::settings::LimitSettings;
-
-    fn decode_with(body: &str, message_id: Option<&str>, model_header: Option<&str>) -> Result<JobRequest, JobError> {
-        let limits = LimitSettings { max_rows_per_job: 3, max_job_bytes: 10_000, ..Default::default() };
-        decode(Envelope { body: body.as_bytes(), message_id, content_type: None, model_header }, &limits)
-    }
-
-    fn decode_str(body: &str) -> Result<JobRequest, JobError> {
-        decode_with(body, None, None)
-    }
-
-    fn input(datatype: &str, shape: &str, data: &str) -> String {
-        let tensor = format!(r#"{{"name":"x","shape":{shape},"datatype":"{datatype}","data":{data}}}"#);
-        format!(r#"{{"id":"a","model_name":"m","inputs":[{tensor}]}}"#)
-    }
-
-    fn tensors(job: JobRequest) -> Vec<Tensor> {
-        match job.features {
-            Features::Tensors(tensors) => tensors,
-            other => panic!("expected tensors, got {other:?}"),
-        }
-    }
-
-    fn message(body: &str) -> String {
-        let error = decode_str(body).unwrap_err();
-        assert_eq!(error.protocol, Protocol::OpenInference, "{error:?}");
-        error.message
-    }
-
-    #[test]
-    fn one_tensor_decodes_flat_or_nested() {
-        let body = r#"{"id":"a","model_name":"m","model_version":"2","parameters":{"p":1},
-            "inputs":[{"name":"x","shape":[2,3],"datatype":"FP32","parameters":{},"data":[1,2,3,4,5,6.5]}]}"#;
-        let job = decode_str(body).unwrap();
-        assert_eq!((job.job_id.as_str(), job.model.as_str(), job.model_version), ("a", "m", Some(2)));
-        assert_eq!(job.protocol, Protocol::OpenInference);
-        assert_eq!(job.features.row_count(), 2);
-        let flat = tensors(job);
-        assert_eq!(flat, vec![Tensor { name: "x".into(), shape: vec![2, 3], values: vec![1., 2., 3., 4., 5., 6.5] }]);
-        let nested = tensors(decode_str(&input("FP32", "[2,3]", "[[1,2,3],[4,5,6.5]]")).unwrap());
-        assert_eq!(nested[0].values, flat[0].values);
-    }
-
-    #[test]
-    fn integer_and_double_datatypes_convert_to_f32() {
-        for datatype in ["INT32", "INT64", "FP64", "fp64"] {
-            let job = decode_str(&input(datatype, "[1,2]", "[3, -4]")).unwrap();
-            assert_eq!(tensors(job)[0].values, vec![3.0, -4.0], "{datatype}");
-        }
-        let job = decode_str(&input("FP64", "[1,1]", "[0.1]")).unwrap();
-        assert_eq!(tensors(job)[0].values, vec![0.1f32]);
-    }
-
-    #[test]
-    fn unsupported_datatypes_and_bad_values_are_named() {
-        let text = message(&input("BYTES", "[1,1]", r#"["a"]"#));
-        assert!(text.contains(r#"datatype "BYTES"; batchscore accepts FP32, FP64, INT32 or INT64"#), "{text}");
-        let text = message(&input("BOOL", "[1,1]", "[true]"));
-        assert!(text.contains(r#"datatype "BOOL""#), "{text}");
-        let text = message(&input("FP32", "[1,2]", r#"[1,"2"]"#));
-        assert!(text.contains(r#"inputs[0] ("x") data[1] is a string, not a number"#), "{text}");
-        let text = message(&input("INT64", "[1,2]", "[1,1.5]"));
-        assert!(text.contains("has datatype INT64 but data[1] = 1.5 is not an integer"), "{text}");
-        let text = message(&input("FP64", "[1,1]", "[1e39]"));
-        assert!(text.contains("data[0] = 1e39 is outside the float32 range"), "{text}");
-        let text = message(r#"{"id":"a","model_name":"m","inputs":[{"name":"x","shape":[1,1],"data":[1]}]}"#);
-        assert!(text.contains("has no datatype"), "{text}");
-        let text = message(r#"{"id":"a","model_name":"m","inputs":[{"shape":[1,1],"datatype":"FP32","data":[1]}]}"#);
-        assert!(text.contains("inputs[0] has no name"), "{text}");
-    }
-
-    #[test]
-    fn shapes_must_hold_the_data_and_inputs_agree_on_rows() {
-        let text = message(&input("FP32", "[2,2]", "[1,2,3]"));
-        assert!(text.contains("has shape [2, 2], which holds 4 values, but data has 3"), "{text}");
-        let text = message(&input("FP32", "[1,1,1]", "[1]"));
-        assert!(text.contains("has shape [1, 1, 1]; inputs have shape [rows, columns]"), "{text}");
-        let text = message(&input("FP32", "[]", "[]"));
-        assert!(text.contains("has shape []"), "{text}");
-        let two = |second: &str| {
-            format!(
-                r#"{{"id":"a","model_name":"m","inputs":[{{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}},
-                {second}]}}"#
-            )
-        };
-        let text = message(&two(r#"{"name":"y","shape":[1],"datatype":"FP32","data":[1]}"#));
-        assert!(text.contains(r#"inputs[1] ("y") has 1 rows but inputs[0] ("x") has 2"#), "{text}");
-        let text = message(&two(r#"{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}"#));
-        assert!(text.contains(r#"two tensors named "x""#), "{text}");
-        let text = message(r#"{"id":"a","model_name":"m","inputs":[]}"#);
-        assert!(text.contains("job has no inputs"), "{text}");
-        let text = message(&input("FP32", "[0,2]", "[]"));
-        assert!(text.contains("no rows"), "{text}");
-        let error = decode_str(&input("FP32", "[4,1]", "[1,2,3,4]")).unwrap_err();
-        assert_eq!((error.code, error.protocol), (ErrorCode::TooLarge, Protocol::OpenInference));
-    }
-
-    #[test]
-    fn model_and_id_come_from_the_message_when_the_body_has_none() {
-        let body = r#"{"inputs":[{"name":"x","shape":[1,1],"datatype":"FP32","data":[1]}]}"#;
-        let job = decode_with(body, Some("mid"), Some("linear")).unwrap();
-        assert_eq!((job.job_id.as_str(), job.model.as_str()), ("mid", "linear"));
-        let body =
-            r#"{"id":"a","model_name":"mlp","inputs":[{"name":"x","shape":[1,1],"datatype":"FP32","data":[1]}]}"#;
-        assert_eq!(decode_with(body, Some("mid"), Some("linear")).unwrap().model, "mlp", "the body wins");
-        let error = decode_with(r#"{"id":"a","inputs":[]}"#, None, None).unwrap_err();
-        assert!(error.message.contains("no model_name and the message has no x-model header"), "{error:?}");
-        let error = decode_with(r#"{"model_name":"m","inputs":[]}"#, None, None).unwrap_err();
-        assert!(error.message.contains("job has no id and the message has no message_id"), "{error:?}");
-        assert_eq!(error.protocol, Protocol::OpenInference);
-    }
-
-    #[test]
-    fn unreadable_bodies_answer_in_the_form_they_were_sent_in() {
-        let error = decode_with("{not json", Some("mid"), Some("linear")).unwrap_err();
-        assert_eq!((error.code, error.protocol), (ErrorCode::InvalidJson, Protocol::OpenInference));
-        assert_eq!((error.job_id.as_deref(), error.model.as_deref()), (Some("mid"), Some("linear")));
-        assert_eq!(decode_with("{not json", None, None).unwrap_err().protocol, Protocol::Native);
-
-        let body = r#"{"id":"a","model_name":"m","inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[{}]}]}"#;
-        let error = decode_str(body).unwrap_err();
-        assert_eq!((error.code, error.protocol), (ErrorCode::InvalidInput, Protocol::OpenInference));
-        assert_eq!((error.job_id.as_deref(), error.model.as_deref()), (Some("a"), Some("m")));
-        assert!(error.message.contains("inputs[0].data to be an array of numbers"), "{}", error.message);
-
-        let text = message(r#"{"id":7,"model_name":"m","inputs":[]}"#);
-        assert!(text.contains("id must be a string, found 7"), "{text}");
-        let text = message(&input("FP32", "[1,1]", "[1]").replace(r#""id":"a""#, r#""model_version":"two""#));
-        assert!(text.contains(r#"model_version "two" is not a version number"#), "{text}");
-        let text = message(r#"{"id":"a","model_name":"m","rows":[[1]],"inputs":[]}"#);
-        assert!(text.contains("also rows or records; send one form"), "{text}");
-        let text = message(r#"{"id":"a","model_name":"m","inputs":{"x":[1]}}"#);
-        assert!(text.contains("inputs as an array of tensors"), "{text}");
-    }
-
-    #[test]
-    fn native_jobs_ignore_protocol_members_they_do_not_use() {
-        let body = r#"{"job_id":"a","model":"m","id":5,"model_name":[1],"rows":[[1,2]]}"#;
-        let job = decode_str(body).unwrap();
-        assert_eq!((job.job_id.as_str(), job.model.as_str(), job.protocol), ("a", "m", Protocol::Native));
-        let error = decode_str(r#"{"job_id":"a","model":"m","rows":[["x"]]}"#).unwrap_err();
-        assert_eq!((error.protocol, error.job_id.as_deref()), (Protocol::Native, Some("a")));
-    }
 
     fn layout<'a>(names: Option<&'a [String]>, index: &'a HashMap<String, usize>) -> Layout<'a> {
         Layout { model: "m", input_name: "input", n_features: 3, feature_names: names, feature_index: index }

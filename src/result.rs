@@ -1,20 +1,44 @@
 //! The result stage: scatters each scored batch back to its jobs, reassembles jobs that were
-//! split across batches, and encodes one result message per job (ok or error), in the form the
-//! job came in: native, or the Open Inference Protocol response form.
+//! split across batches ([`Reassembly`]), and turns each finished job into one [`Outgoing`]
+//! result for the publisher, ok or error; jobs that cannot be scored are marked for
+//! dead-lettering.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::ser::{self, SerializeMap, SerializeSeq, Serializer};
-use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::engine::outputs::ColumnData;
+use crate::encode::{encode_error, encode_ok, Timing};
 use crate::engine::Column;
-use crate::job::{ErrorCode, JobError, Protocol};
-use crate::pipeline::{DeadLetter, JobFailure, JobMeta, Outgoing, ScoredBatch};
+use crate::faults;
+use crate::flow::{Completion, JobMeta, Outgoing, Rejected, Rejection, ScoredBatch, Segment};
 use crate::telemetry;
+
+/// The publisher stopped before this stage: the pipeline is being torn down.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the publisher")]
+pub struct Closed;
+
+/// Consumes scored batches until every batcher and run has finished.
+pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<Outgoing>) -> Result<(), Closed> {
+    let mut reassembly = Reassembly::default();
+    while let Some(batch) = scored.recv().await {
+        if faults::RESULT_STAGE.trip() {
+            panic!("fault injected into the result stage");
+        }
+        for segment in &batch.segments {
+            let Some(outcome) = reassembly.add(segment, &batch) else { continue };
+            publish.send(answer(&segment.job, outcome)).await.map_err(|_| Closed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Jobs split across batches whose rows are still arriving, by job sequence number.
+#[derive(Default)]
+pub struct Reassembly {
+    partial: HashMap<u64, Assembly>,
+}
 
 /// A split job whose rows are still arriving.
 struct Assembly {
@@ -22,403 +46,98 @@ struct Assembly {
     filled: usize,
     inference: Duration,
     last_batch_at: Instant,
-    failure: Option<JobFailure>,
+    rejection: Option<Rejection>,
 }
 
-/// Consumes scored batches until every batcher and run has finished.
-pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<Outgoing>) {
-    let mut partial: HashMap<u64, Assembly> = HashMap::new();
-    while let Some(batch) = scored.recv().await {
-        for segment in &batch.segments {
-            let job = &segment.job;
-            let ready = match &batch.outcome {
-                Ok(columns) if segment.is_whole_job() => {
-                    let timing = Timing::of(job, batch.started_at, batch.inference_time);
-                    Some(encode_ok(job, columns, segment.batch_offset, timing))
+impl Reassembly {
+    /// Takes one segment of `batch`; returns the job's encoded result once all its rows are in.
+    pub fn add(&mut self, segment: &Segment, batch: &ScoredBatch) -> Option<Result<Vec<u8>, Rejection>> {
+        let job = &segment.job;
+        if let (Ok(columns), true) = (&batch.outcome, segment.is_whole_job()) {
+            let timing = Timing::of(job, batch.started_at, batch.inference_time);
+            return Some(encode_ok(job, columns, segment.batch_offset, timing));
+        }
+        let assembly = self.partial.entry(job.seq).or_insert_with(|| Assembly {
+            // Shaped by the first part that scores (an earlier part may have failed).
+            columns: Vec::new(),
+            filled: 0,
+            inference: Duration::ZERO,
+            last_batch_at: batch.started_at,
+            rejection: None,
+        });
+        match &batch.outcome {
+            Ok(columns) if assembly.rejection.is_none() => {
+                if assembly.columns.is_empty() {
+                    assembly.columns = columns.iter().map(|c| c.empty_like(job.rows)).collect();
                 }
-                outcome => {
-                    let assembly = partial.entry(job.seq).or_insert_with(|| Assembly {
-                        // Shaped by the first part that scores (an earlier part may have failed).
-                        columns: Vec::new(),
-                        filled: 0,
-                        inference: Duration::ZERO,
-                        last_batch_at: batch.started_at,
-                        failure: None,
-                    });
-                    match outcome {
-                        Ok(columns) if assembly.failure.is_none() => {
-                            if assembly.columns.is_empty() {
-                                assembly.columns = columns.iter().map(|c| c.empty_like(job.rows)).collect();
-                            }
-                            for (whole, part) in assembly.columns.iter_mut().zip(columns) {
-                                whole.copy_rows(segment.job_offset, part, segment.batch_offset, segment.rows);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(failure) => assembly.failure = Some(failure.clone()),
-                    }
-                    assembly.filled += segment.rows;
-                    assembly.inference += batch.inference_time;
-                    assembly.last_batch_at = assembly.last_batch_at.max(batch.started_at);
-                    if assembly.filled < job.rows {
-                        None
-                    } else {
-                        let assembly = partial.remove(&job.seq).expect("entry inserted above");
-                        Some(match assembly.failure {
-                            Some(failure) => Err(failure),
-                            None => {
-                                let timing = Timing::of(job, assembly.last_batch_at, assembly.inference);
-                                encode_ok(job, &assembly.columns, 0, timing)
-                            }
-                        })
-                    }
+                for (whole, part) in assembly.columns.iter_mut().zip(columns) {
+                    whole.copy_rows(segment.job_offset, part, segment.batch_offset, segment.rows);
                 }
-            };
-            let Some(encoded) = ready else { continue };
-            let (body, status, dead_letter) = match encoded {
-                Ok(body) => (body, "ok", None),
-                Err(failure) => failed(job, failure),
-            };
-            telemetry::record_job_done(
-                &job.model.name,
-                job.original.lane,
-                status,
-                job.rows,
-                job.queued_for + job.received_at.elapsed(),
-            );
-            let outgoing = Outgoing {
-                reply: job.reply.clone(),
-                job_id: Some(job.job_id.clone()),
-                rows: job.rows,
-                body,
-                dead_letter,
-            };
-            if publish.send(outgoing).await.is_err() {
-                return;
             }
+            Ok(_) => {}
+            Err(rejection) => assembly.rejection = Some(rejection.clone()),
         }
+        assembly.filled += segment.rows;
+        assembly.inference += batch.inference_time;
+        assembly.last_batch_at = assembly.last_batch_at.max(batch.started_at);
+        if assembly.filled < job.rows {
+            return None;
+        }
+        let assembly = self.partial.remove(&job.seq)?;
+        Some(match assembly.rejection {
+            Some(rejection) => Err(rejection),
+            None => {
+                let timing = Timing::of(job, assembly.last_batch_at, assembly.inference);
+                encode_ok(job, &assembly.columns, 0, timing)
+            }
+        })
+    }
+
+    /// Jobs with some rows still to come.
+    pub fn pending(&self) -> usize {
+        self.partial.len()
     }
 }
 
-/// The error result of a job that was not scored; jobs that failed (not expired) are dead-lettered.
-fn failed(job: &JobMeta, failure: JobFailure) -> (Vec<u8>, &'static str, Option<DeadLetter>) {
-    let expired = failure.code == ErrorCode::Expired;
-    if expired {
-        tracing::info!(job_id = %job.job_id, model = %job.model.name, error = %failure.message, "job expired");
-    } else {
-        tracing::error!(job_id = %job.job_id, model = %job.model.name, error = %failure.message, "job not scored");
-    }
-    telemetry::record_job_error(failure.code);
-    let error = JobError {
+/// The result message of a finished job: its scores, or its error (dead-lettered unless the job
+/// merely expired).
+fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
+    let (body, status, dead_letter) = match outcome {
+        Ok(body) => (body, "ok", None),
+        Err(rejection) => {
+            log_rejection(job, &rejection);
+            telemetry::record_job_error(rejection.code().as_str());
+            let error = Rejected {
+                job_id: Some(job.job_id.clone()),
+                model: Some(job.model.name.clone()),
+                model_version: Some(job.model.version),
+                protocol: job.protocol,
+                reason: rejection,
+            };
+            let status = if error.reason.dead_letters() { "error" } else { "expired" };
+            (encode_error(&error), status, error.reason.dead_letters().then_some(error.reason))
+        }
+    };
+    Outgoing {
+        delivery: job.delivery.clone(),
         job_id: Some(job.job_id.clone()),
-        model: Some(job.model.name.clone()),
-        model_version: Some(job.model.version),
-        code: failure.code,
-        message: failure.message.clone(),
-        protocol: job.protocol,
-    };
-    let dead_letter = (!expired).then(|| DeadLetter { original: job.original.clone(), failure });
-    (encode_error(&error), if expired { "expired" } else { "error" }, dead_letter)
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Timing {
-    pub batching: f64,
-    pub inference: f64,
-    pub total: f64,
-}
-
-impl Timing {
-    fn of(job: &JobMeta, last_batch_at: Instant, inference: Duration) -> Self {
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        let batching = last_batch_at.saturating_duration_since(job.received_at);
-        telemetry::record_batch_wait(&job.model.name, batching);
-        Timing { batching: ms(batching), inference: ms(inference), total: ms(job.received_at.elapsed()) }
-    }
-}
-
-#[derive(Serialize)]
-struct OkBody<'a> {
-    job_id: &'a str,
-    status: &'static str,
-    model: &'a str,
-    model_version: String,
-    model_sha256: &'a str,
-    rows: usize,
-    outputs: Outputs<'a>,
-    timing_ms: Timing,
-}
-
-/// The job's rows of every published output, as `{"name": [per-row values], …}`.
-struct Outputs<'a> {
-    columns: &'a [Column],
-    start: usize,
-    rows: usize,
-}
-
-impl Serialize for Outputs<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.columns.len()))?;
-        for column in self.columns {
-            map.serialize_entry(&column.name, &column.view(self.start, self.rows))?;
-        }
-        map.end()
-    }
-}
-
-/// The ok result of `job`, whose rows start at `start` in `columns`.
-pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: Timing) -> Result<Vec<u8>, JobFailure> {
-    let encoded = match job.protocol {
-        Protocol::Native => serde_json::to_vec(&OkBody {
-            job_id: &job.job_id,
-            status: "ok",
-            model: &job.model.name,
-            model_version: job.model.version.to_string(),
-            model_sha256: &job.model.sha256,
+        body,
+        dead_letter,
+        completion: Completion {
+            model: job.model.name.clone(),
+            lane: job.lane,
+            status,
             rows: job.rows,
-            outputs: Outputs { columns, start, rows: job.rows },
-            timing_ms: timing,
-        }),
-        Protocol::OpenInference => serde_json::to_vec(&InferenceOkBody {
-            model_name: &job.model.name,
-            model_version: job.model.version.to_string(),
-            id: &job.job_id,
-            parameters: InferenceOkParameters {
-                status: "ok",
-                model_sha256: &job.model.sha256,
-                batching_ms: timing.batching,
-                inference_ms: timing.inference,
-                total_ms: timing.total,
-            },
-            outputs: OutputTensors { columns, start, rows: job.rows },
-        }),
-    };
-    encoded.map_err(|e| JobFailure { code: ErrorCode::Internal, message: format!("cannot encode the result: {e}") })
-}
-
-/// The Open Inference Protocol response.
-#[derive(Serialize)]
-struct InferenceOkBody<'a> {
-    model_name: &'a str,
-    model_version: String,
-    id: &'a str,
-    parameters: InferenceOkParameters<'a>,
-    outputs: OutputTensors<'a>,
-}
-
-/// Protocol parameters hold only scalars, so the timings are flattened.
-#[derive(Serialize)]
-struct InferenceOkParameters<'a> {
-    status: &'static str,
-    model_sha256: &'a str,
-    batching_ms: f64,
-    inference_ms: f64,
-    total_ms: f64,
-}
-
-/// The job's rows of every published output as protocol tensors, in model order.
-struct OutputTensors<'a> {
-    columns: &'a [Column],
-    start: usize,
-    rows: usize,
-}
-
-impl Serialize for OutputTensors<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.columns.len()))?;
-        for column in self.columns {
-            seq.serialize_element(&OutputTensor { column, start: self.start, rows: self.rows })?;
-        }
-        seq.end()
+            since: job.received_at.checked_sub(job.queued_for).unwrap_or(job.received_at),
+        },
     }
 }
 
-/// One output as `{"name", "shape", "datatype", "data"}`, data flat in row-major order.
-struct OutputTensor<'a> {
-    column: &'a Column,
-    start: usize,
-    rows: usize,
-}
-
-impl Serialize for OutputTensor<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let Self { column, start, rows } = *self;
-        let (from, to) = (start * column.row_len, (start + rows) * column.row_len);
-        let shape: Vec<usize> = std::iter::once(rows).chain(column.row_shape.iter().copied()).collect();
-        let mut map = serializer.serialize_map(Some(4))?;
-        map.serialize_entry("name", &column.name)?;
-        map.serialize_entry("shape", &shape)?;
-        match &column.data {
-            ColumnData::F32(v) => tensor_entries(&mut map, "FP32", &v[from..to])?,
-            ColumnData::F64(v) => tensor_entries(&mut map, "FP64", &v[from..to])?,
-            ColumnData::I64(v) => tensor_entries(&mut map, "INT64", &v[from..to])?,
-            ColumnData::I32(v) => tensor_entries(&mut map, "INT32", &v[from..to])?,
-            ColumnData::Bool(v) => tensor_entries(&mut map, "BOOL", &v[from..to])?,
-            ColumnData::Str(v) => tensor_entries(&mut map, "BYTES", &v[from..to])?,
-            // A sequence of maps has no tensor form: each row's map (shape [rows]) becomes one
-            // JSON object text, which keeps the class labels the scores belong to.
-            ColumnData::Maps(v) => tensor_entries(&mut map, "BYTES", &JsonTexts(&v[from..to]))?,
-        }
-        map.end()
-    }
-}
-
-fn tensor_entries<M: SerializeMap, T: Serialize + ?Sized>(
-    map: &mut M,
-    datatype: &str,
-    data: &T,
-) -> Result<(), M::Error> {
-    map.serialize_entry("datatype", datatype)?;
-    map.serialize_entry("data", data)
-}
-
-/// Values serialised each as its own JSON text, as a sequence of strings.
-struct JsonTexts<'a, T>(&'a [T]);
-
-impl<T: Serialize> Serialize for JsonTexts<'_, T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-        for value in self.0 {
-            seq.serialize_element(&serde_json::to_string(value).map_err(ser::Error::custom)?)?;
-        }
-        seq.end()
-    }
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    job_id: Option<&'a str>,
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model_version: Option<String>,
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: ErrorCode,
-    message: &'a str,
-}
-
-/// The Open Inference Protocol error response (`{"error": message}`), with what is known about
-/// the job and the error code in `parameters`.
-#[derive(Serialize)]
-struct InferenceErrorBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model_version: Option<String>,
-    error: &'a str,
-    parameters: InferenceErrorParameters,
-}
-
-#[derive(Serialize)]
-struct InferenceErrorParameters {
-    status: &'static str,
-    code: ErrorCode,
-}
-
-pub fn encode_error(error: &JobError) -> Vec<u8> {
-    let encoded = match error.protocol {
-        Protocol::Native => serde_json::to_vec(&ErrorBody {
-            job_id: error.job_id.as_deref(),
-            status: "error",
-            model: error.model.as_deref(),
-            model_version: error.model_version.map(|v| v.to_string()),
-            error: ErrorDetail { code: error.code, message: &error.message },
-        }),
-        Protocol::OpenInference => serde_json::to_vec(&InferenceErrorBody {
-            id: error.job_id.as_deref(),
-            model_name: error.model.as_deref(),
-            model_version: error.model_version.map(|v| v.to_string()),
-            error: &error.message,
-            parameters: InferenceErrorParameters { status: "error", code: error.code },
-        }),
-    };
-    // Invariant: the body holds only strings and integers, which always serialise.
-    encoded.expect("error result serialises")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::outputs::MapRow;
-
-    fn column(name: &str, row_shape: Vec<usize>, data: ColumnData) -> Column {
-        let row_len = row_shape.iter().product::<usize>().max(1);
-        Column { name: name.into(), row_len, row_shape, data }
-    }
-
-    #[test]
-    fn protocol_outputs_are_flat_tensors_of_the_jobs_rows() {
-        let columns = [
-            column("label", vec![], ColumnData::I64(vec![0, 1, 1])),
-            column("probabilities", vec![2], ColumnData::F32(vec![0.5, 0.5, 0.25, 0.75, 1.0, f32::NAN])),
-            column("names", vec![], ColumnData::Str(vec!["a".into(), "b".into(), "c".into()])),
-            column("ok", vec![], ColumnData::Bool(vec![true, false, true])),
-        ];
-        let encoded = serde_json::to_value(OutputTensors { columns: &columns, start: 1, rows: 2 }).unwrap();
-        assert_eq!(
-            encoded,
-            serde_json::json!([
-                {"name": "label", "shape": [2], "datatype": "INT64", "data": [1, 1]},
-                {"name": "probabilities", "shape": [2, 2], "datatype": "FP32", "data": [0.25, 0.75, 1.0, null]},
-                {"name": "names", "shape": [2], "datatype": "BYTES", "data": ["b", "c"]},
-                {"name": "ok", "shape": [2], "datatype": "BOOL", "data": [false, true]},
-            ])
-        );
-    }
-
-    #[test]
-    fn class_score_maps_become_json_texts() {
-        let maps = vec![MapRow::I64(vec![(0, 0.25), (1, 0.75)]), MapRow::Str(vec![("yes".into(), 0.5)])];
-        let columns = [column("output_probability", vec![], ColumnData::Maps(maps))];
-        let encoded = serde_json::to_value(OutputTensors { columns: &columns, start: 0, rows: 2 }).unwrap();
-        assert_eq!(
-            encoded,
-            serde_json::json!([{
-                "name": "output_probability",
-                "shape": [2],
-                "datatype": "BYTES",
-                "data": [r#"{"0":0.25,"1":0.75}"#, r#"{"yes":0.5}"#],
-            }])
-        );
-    }
-
-    #[test]
-    fn errors_answer_in_the_jobs_form() {
-        let error = JobError {
-            job_id: Some("a".into()),
-            model: Some("m".into()),
-            model_version: Some(2),
-            code: ErrorCode::UnknownModel,
-            message: "no such model".into(),
-            protocol: Protocol::OpenInference,
-        };
-        let encoded: serde_json::Value = serde_json::from_slice(&encode_error(&error)).unwrap();
-        assert_eq!(
-            encoded,
-            serde_json::json!({
-                "id": "a",
-                "model_name": "m",
-                "model_version": "2",
-                "error": "no such model",
-                "parameters": {"status": "error", "code": "unknown_model"},
-            })
-        );
-        let anonymous = JobError { job_id: None, model: None, model_version: None, ..error.clone() };
-        let encoded: serde_json::Value = serde_json::from_slice(&encode_error(&anonymous)).unwrap();
-        assert_eq!(
-            encoded,
-            serde_json::json!({"error": "no such model", "parameters": {"status": "error", "code": "unknown_model"}})
-        );
-        let native = JobError { protocol: Protocol::Native, ..error };
-        let encoded: serde_json::Value = serde_json::from_slice(&encode_error(&native)).unwrap();
-        assert_eq!(encoded["status"], "error");
-        assert_eq!(encoded["error"]["code"], "unknown_model");
+fn log_rejection(job: &JobMeta, rejection: &Rejection) {
+    let (job_id, model, error) = (&job.job_id, &job.model.name, rejection.message());
+    if rejection.dead_letters() {
+        tracing::error!(job_id, model, error, "job not scored");
+    } else {
+        tracing::info!(job_id, model, error, "job expired");
     }
 }

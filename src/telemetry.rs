@@ -11,9 +11,6 @@ use axum::routing::get;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::batcher::CloseReason;
-use crate::job::ErrorCode;
-use crate::pipeline::Lane;
 use crate::settings::{LogFormat, LoggingSettings};
 
 pub const JOBS_RECEIVED: &str = "batchscore_jobs_received_total";
@@ -107,36 +104,40 @@ fn describe() {
     describe_gauge!(READY, "1 while the worker is ready to take jobs (what /readyz reports).");
 }
 
-pub fn record_job_received(model: &str, lane: Lane, queue_wait: Option<Duration>) {
-    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => lane.as_str()).increment(1);
+/// A delivery taken from a lane's queue and decoded (scored or not: every job counts before it
+/// can complete); `model` must be a repository name or [`UNKNOWN_MODEL_LABEL`].
+pub fn record_job_received(model: &str, lane: &'static str, queue_wait: Option<Duration>) {
+    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => lane).increment(1);
     if let Some(wait) = queue_wait {
-        histogram!(QUEUE_WAIT, "lane" => lane.as_str()).record(wait.as_secs_f64());
+        histogram!(QUEUE_WAIT, "lane" => lane).record(wait.as_secs_f64());
     }
 }
 
-pub fn record_job_error(code: ErrorCode) {
-    counter!(JOB_ERRORS, "code" => code.as_str()).increment(1);
+/// A job answered with an error; `code` is the contract's error code.
+pub fn record_job_error(code: &'static str) {
+    counter!(JOB_ERRORS, "code" => code).increment(1);
 }
 
-/// A job answered; `model` must be a repository name or [`UNKNOWN_MODEL_LABEL`].
-pub fn record_job_done(model: &str, lane: Lane, status: &'static str, rows: usize, duration: Duration) {
-    counter!(JOBS_COMPLETED, "model" => model.to_string(), "lane" => lane.as_str(), "status" => status).increment(1);
+/// A job whose result the broker confirmed and which was acknowledged; `model` must be a
+/// repository name or [`UNKNOWN_MODEL_LABEL`].
+pub fn record_job_done(model: &str, lane: &'static str, status: &'static str, rows: usize, duration: Duration) {
+    counter!(JOBS_COMPLETED, "model" => model.to_string(), "lane" => lane, "status" => status).increment(1);
     if status == "ok" {
         counter!(ROWS_SCORED, "model" => model.to_string()).increment(rows as u64);
     }
-    histogram!(JOB_DURATION, "model" => model.to_string(), "lane" => lane.as_str()).record(duration.as_secs_f64());
+    histogram!(JOB_DURATION, "model" => model.to_string(), "lane" => lane).record(duration.as_secs_f64());
 }
 
 pub fn record_batch_wait(model: &str, wait: Duration) {
     histogram!(BATCH_WAIT, "model" => model.to_string()).record(wait.as_secs_f64());
 }
 
-pub fn record_batch(model: &str, version: u64, rows: usize, jobs: usize, closed_by: CloseReason, duration: Duration) {
+/// One run; `closed_by` says why its batch stopped taking rows (idle, size, delay, drain).
+pub fn record_batch(model: &str, version: u64, rows: usize, jobs: usize, closed_by: &'static str, duration: Duration) {
     let version = version.to_string();
     histogram!(BATCH_ROWS, "model" => model.to_string(), "version" => version.clone()).record(rows as f64);
     histogram!(BATCH_JOBS, "model" => model.to_string(), "version" => version.clone()).record(jobs as f64);
-    counter!(BATCHES, "model" => model.to_string(), "version" => version.clone(), "reason" => closed_by.as_str())
-        .increment(1);
+    counter!(BATCHES, "model" => model.to_string(), "version" => version.clone(), "reason" => closed_by).increment(1);
     histogram!(INFERENCE_DURATION, "model" => model.to_string(), "version" => version).record(duration.as_secs_f64());
 }
 
@@ -178,8 +179,8 @@ pub fn reset_inflight() {
     gauge!(INFLIGHT_ROWS).set(0.0);
 }
 
-pub fn record_dead_lettered(code: ErrorCode) {
-    counter!(DEAD_LETTERED, "code" => code.as_str()).increment(1);
+pub fn record_dead_lettered(code: &'static str) {
+    counter!(DEAD_LETTERED, "code" => code).increment(1);
 }
 
 pub fn record_publish(duration: Duration) {

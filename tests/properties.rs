@@ -1,20 +1,24 @@
 //! Property tests of batch split and reassembly: however jobs are cut into batches, every row is
 //! scored exactly once and comes back to its own job, in order, with the scores it gets alone.
+//! Batches are cut by the batcher's own `Pending` and put back together by the result stage's own
+//! `Reassembly`, into the result message each job would be sent.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use batchscore::amqp::Reply;
-use batchscore::batcher::{CloseReason, Pending};
+use batchscore::batcher::Pending;
 use batchscore::budget::RowBudget;
+use batchscore::encode::{encode_ok, Timing};
 use batchscore::engine::model::ModelConfig;
-use batchscore::engine::outputs::{Column, ColumnData};
+use batchscore::engine::outputs::Column;
 use batchscore::engine::ModelVersion;
-use batchscore::pipeline::{Job, JobMeta, Lane, Original};
+use batchscore::flow::{CloseReason, Delivery, Job, JobMeta, Lane, Protocol, ScoredBatch};
+use batchscore::result::Reassembly;
 use batchscore::settings::{BatchingSettings, InferenceSettings};
 use proptest::prelude::*;
 use proptest::sample::Index;
+use serde_json::Value;
 
 /// Batch size changes the order of floating-point sums inside ONNX Runtime, not the result.
 const TOLERANCE: f32 = 1e-6;
@@ -80,47 +84,46 @@ fn jobs_and_batch_size() -> impl Strategy<Value = (Vec<Vec<Index>>, usize)> {
 }
 
 fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Job {
-    let delivery = lapin::message::Delivery::mock(seq, "".into(), "".into(), false, vec![]);
-    let reply = Reply { acker: delivery.acker, routing_key: "results".into(), correlation_id: None };
     let meta = JobMeta {
         seq,
         job_id: format!("job-{seq}"),
         model: Arc::clone(model),
         rows,
+        lane: Lane::Online,
         received_at: Instant::now(),
         queued_for: std::time::Duration::ZERO,
         deadline_ms: None,
-        protocol: batchscore::job::Protocol::Native,
-        reply,
-        original: Original { body: Vec::new(), properties: lapin::BasicProperties::default(), lane: Lane::Online },
+        protocol: Protocol::Native,
+        delivery: Delivery::new(()),
         charge: RowBudget::new(usize::MAX).charge(rows),
     };
     Job { meta: Arc::new(meta), inputs }
 }
 
+/// The `outputs` of an encoded result.
+fn outputs(body: &[u8]) -> Value {
+    let result: Value = serde_json::from_slice(body).expect("an encoded result is JSON");
+    assert_eq!(result["status"], "ok", "{result}");
+    result["outputs"].clone()
+}
+
 /// Labels are decisions and must match exactly; scores may differ by rounding.
-fn assert_same_outputs(job: usize, got: &[Column], alone: &[Column]) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.len(), alone.len(), "job {} output count", job);
-    for (got, alone) in got.iter().zip(alone) {
-        prop_assert_eq!(&got.name, &alone.name, "job {} output order", job);
-        prop_assert_eq!(&got.row_shape, &alone.row_shape, "job {} output {} row shape", job, &got.name);
-        match (&got.data, &alone.data) {
-            (ColumnData::F32(got_values), ColumnData::F32(alone_values)) => {
-                prop_assert_eq!(got_values.len(), alone_values.len(), "job {} output {} length", job, &got.name);
-                for (i, (g, a)) in got_values.iter().zip(alone_values).enumerate() {
-                    prop_assert!(
-                        (g - a).abs() <= TOLERANCE,
-                        "job {} output {} value {}: batched {} vs alone {}",
-                        job,
-                        &got.name,
-                        i,
-                        g,
-                        a
-                    );
-                }
-            }
-            (got_data, alone_data) => prop_assert_eq!(got_data, alone_data, "job {} output {}", job, &got.name),
-        }
+fn assert_same_outputs(job: usize, got: &Value, alone: &Value) -> Result<(), TestCaseError> {
+    prop_assert_eq!(&got["label"], &alone["label"], "job {} labels", job);
+    let flat = |v: &Value| -> Vec<f64> {
+        v["probabilities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|row| row.as_array().cloned().unwrap_or_default())
+            .filter_map(|x| x.as_f64())
+            .collect()
+    };
+    let (got_values, alone_values) = (flat(got), flat(alone));
+    prop_assert!(!alone_values.is_empty(), "job {} has probabilities", job);
+    prop_assert_eq!(got_values.len(), alone_values.len(), "job {} probabilities length", job);
+    for (i, (g, a)) in got_values.iter().zip(&alone_values).enumerate() {
+        prop_assert!((g - a).abs() <= f64::from(TOLERANCE), "job {} value {}: batched {} vs alone {}", job, i, g, a);
     }
     Ok(())
 }
@@ -138,13 +141,17 @@ proptest! {
             .collect();
 
         let mut pending = Pending::default();
+        let mut metas = Vec::new();
         for (seq, (rows, inputs)) in picks.iter().zip(&job_inputs).enumerate() {
-            pending.push(job(seq as u64, &fixture.model, rows.len(), inputs.clone()));
+            let job = job(seq as u64, &fixture.model, rows.len(), inputs.clone());
+            metas.push(Arc::clone(&job.meta));
+            pending.push(job);
         }
 
         // Rows of each job reassembled so far; they must arrive as one unbroken, ordered run.
         let mut next_row = vec![0usize; picks.len()];
-        let mut assembled: Vec<Option<Vec<Column>>> = vec![None; picks.len()];
+        let mut reassembly = Reassembly::default();
+        let mut results: Vec<Option<Vec<u8>>> = vec![None; picks.len()];
         while !pending.is_empty() {
             let batch = pending.take(max_rows, n_features, CloseReason::Size);
             prop_assert!(batch.rows >= 1, "a batch taken from non-empty pending rows has rows");
@@ -167,23 +174,32 @@ proptest! {
             prop_assert_eq!(batch_row, batch.rows, "segments cover the whole batch");
 
             let columns = fixture.score(&batch.inputs, batch.rows);
-            for segment in &batch.segments {
+            let scored = ScoredBatch {
+                segments: batch.segments,
+                outcome: Ok(columns),
+                started_at: Instant::now(),
+                inference_time: std::time::Duration::ZERO,
+            };
+            for segment in &scored.segments {
                 let seq = segment.job.seq as usize;
-                let job_columns = assembled[seq]
-                    .get_or_insert_with(|| columns.iter().map(|c| c.empty_like(segment.job.rows)).collect());
-                for (whole, part) in job_columns.iter_mut().zip(&columns) {
-                    whole.copy_rows(segment.job_offset, part, segment.batch_offset, segment.rows);
+                if let Some(encoded) = reassembly.add(segment, &scored) {
+                    prop_assert!(results[seq].is_none(), "job {} answered twice", seq);
+                    prop_assert_eq!(next_row[seq], picks[seq].len(), "job {} answered before its last rows", seq);
+                    results[seq] = Some(encoded.expect("a scored job encodes"));
                 }
             }
         }
+        prop_assert_eq!(reassembly.pending(), 0, "no job is left half assembled");
 
         for (seq, rows) in picks.iter().enumerate() {
             prop_assert_eq!(next_row[seq], rows.len(), "job {} rows covered", seq);
-            let Some(got) = &assembled[seq] else {
-                return Err(TestCaseError::fail(format!("job {seq} got no outputs")));
+            let Some(got) = &results[seq] else {
+                return Err(TestCaseError::fail(format!("job {seq} got no result")));
             };
             let alone = fixture.score(&job_inputs[seq], rows.len());
-            assert_same_outputs(seq, got, &alone)?;
+            let timing = Timing { batching: 0.0, inference: 0.0, total: 0.0 };
+            let alone = encode_ok(&metas[seq], &alone, 0, timing).expect("a scored job encodes");
+            assert_same_outputs(seq, &outputs(got), &outputs(&alone))?;
         }
     }
 }

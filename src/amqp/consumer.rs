@@ -1,8 +1,9 @@
 //! The job consumer: takes deliveries from the online and bulk lanes' queues, decodes and
 //! validates them, and routes each job to its model version's batcher, or answers it at once
-//! with an error result. Online deliveries are taken first; a lane whose row budget is spent
-//! takes none until rows are answered. It follows the served repository snapshot, so a job is
-//! always resolved against the versions that have batchers.
+//! with an error result. Which lane may take the next delivery is the [`LanePolicy`]'s call. It
+//! follows the served repository snapshot, so a job is always resolved against the versions that
+//! have batchers. Each delivery travels on as an opaque [`flow::Delivery`] holding its
+//! [`Inbound`] handle, which only the publisher opens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +17,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{AmqpError, Reply};
+use super::{AmqpError, Inbound};
 use crate::batcher::Batchers;
-use crate::budget::RowBudget;
+use crate::encode::encode_error;
 use crate::engine::{ModelVersion, Repository};
-use crate::job::{self, Envelope, ErrorCode, JobError, JobRequest};
-use crate::pipeline::{epoch_ms, DeadLetter, Job, JobFailure, JobMeta, Lane, Original, Outgoing};
-use crate::result::encode_error;
+use crate::flow::{self, epoch_ms, Completion, Job, JobMeta, Lane, Outgoing, Protocol, Rejected, Rejection};
+use crate::job::{self, Envelope, JobRequest};
+use crate::lanes::LanePolicy;
 use crate::settings::{LimitSettings, Settings};
 use crate::telemetry;
 
@@ -33,58 +34,51 @@ pub const DEADLINE_HEADER: &str = "x-deadline";
 /// small ones behind it, nor the async threads that publish results.
 const DECODE_APART_BYTES: usize = 64 * 1024;
 
-pub struct Consumer<'a> {
-    settings: &'a Settings,
+pub struct Consumer {
+    settings: Settings,
     snapshots: watch::Receiver<Arc<Repository>>,
     repository: Arc<Repository>,
     batchers: Batchers,
     publish: mpsc::Sender<Outgoing>,
+    lanes: LanePolicy,
     /// Large bodies being decoded, at most one per lane.
     decoding: JoinSet<Decoded>,
     next_seq: u64,
 }
 
-impl<'a> Consumer<'a> {
+impl Consumer {
     pub fn new(
-        settings: &'a Settings,
+        settings: Settings,
         mut snapshots: watch::Receiver<Arc<Repository>>,
-        scored: mpsc::Sender<crate::pipeline::ScoredBatch>,
+        batchers: Batchers,
         publish: mpsc::Sender<Outgoing>,
     ) -> Self {
         let repository = Arc::clone(&snapshots.borrow_and_update());
-        let capacity = usize::from(settings.amqp.prefetch.max(settings.amqp.bulk_prefetch));
-        let batchers = Batchers::new(&repository, settings.bulk_batching, scored, capacity);
-        Self { settings, snapshots, repository, batchers, publish, decoding: JoinSet::new(), next_seq: 0 }
+        let lanes =
+            LanePolicy::new(settings.limits.max_inflight_rows, Duration::from_millis(settings.amqp.bulk_yield_ms));
+        Self { settings, snapshots, repository, batchers, publish, lanes, decoding: JoinSet::new(), next_seq: 0 }
     }
 
-    /// Consumes until `shutdown` fires or the channel fails, and hands back the batchers to drain.
-    /// On shutdown the subscriptions are cancelled and the deliveries already handed to this
-    /// worker are still processed, so none of them needs redelivery.
-    pub async fn run(mut self, channel: &Channel, shutdown: &CancellationToken) -> Result<Batchers, AmqpError> {
+    /// Consumes until `shutdown` fires or the channel fails. On shutdown the subscriptions are
+    /// cancelled and the deliveries already handed to this worker are still processed, so none
+    /// of them needs redelivery; then the batchers close and drain behind it.
+    pub async fn run(mut self, channel: Channel, shutdown: CancellationToken) -> Result<(), AmqpError> {
         let amqp = &self.settings.amqp;
-        let mut online = Feed::subscribe(channel, Lane::Online, &amqp.jobs_queue, amqp.prefetch, self.budget()).await?;
+        let mut online = Feed::subscribe(&channel, Lane::Online, &amqp.jobs_queue, amqp.prefetch).await?;
         let mut bulk = match amqp.bulk_queue.as_str() {
             "" => Feed::absent(Lane::Bulk),
-            queue => Feed::subscribe(channel, Lane::Bulk, queue, amqp.bulk_prefetch, self.budget()).await?,
+            queue => Feed::subscribe(&channel, Lane::Bulk, queue, amqp.bulk_prefetch).await?,
         };
-        // Held apart from the feeds, whose subscriptions are borrowed while the select waits.
-        let (online_budget, bulk_budget) = (Arc::clone(&online.budget), Arc::clone(&bulk.budget));
         let mut cancelled = false;
         let mut following = true;
-        let yield_window = Duration::from_millis(self.settings.amqp.bulk_yield_ms);
-        let mut online_seen: Option<tokio::time::Instant> = None;
         while online.is_open() || bulk.is_open() || !self.decoding.is_empty() {
-            // While online jobs keep coming, the bulk lane holds one job at a time: the machine's
-            // cores then go to online work first, not only the engine's runs.
-            let yield_until =
-                online_seen.map(|seen| seen + yield_window).filter(|until| *until > tokio::time::Instant::now());
-            let bulk_held_back = yield_until.is_some() && (!bulk_budget.is_idle() || bulk.decoding);
+            let (online_decoding, bulk_decoding) = (online.decoding, bulk.decoding);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !cancelled => {
                     tracing::info!("stopping consumption; finishing jobs already received");
-                    online.cancel(channel).await?;
-                    bulk.cancel(channel).await?;
+                    online.cancel(&channel).await?;
+                    bulk.cancel(&channel).await?;
                     cancelled = true;
                 }
                 changed = self.snapshots.changed(), if following => match changed {
@@ -106,27 +100,21 @@ impl<'a> Consumer<'a> {
                         break;
                     }
                 }
-                delivery = online.next(), if online.can_take() => {
-                    online_seen = Some(tokio::time::Instant::now());
+                delivery = online.next(), if online.is_open() && self.lanes.admits(Lane::Online, online_decoding) => {
+                    self.lanes.saw_online();
                     if !self.take(&mut online, delivery, cancelled).await? {
                         break;
                     }
                 }
-                delivery = bulk.next(), if bulk.can_take() && !bulk_held_back => {
+                delivery = bulk.next(), if bulk.is_open() && self.lanes.admits(Lane::Bulk, bulk_decoding) => {
                     if !self.take(&mut bulk, delivery, cancelled).await? {
                         break;
                     }
                 }
-                _ = online_budget.returned(), if online.is_open() && online_budget.is_spent() => {}
-                _ = bulk_budget.returned(), if bulk.is_open() && (bulk_budget.is_spent() || bulk_held_back) => {}
-                _ = tokio::time::sleep_until(yield_until.unwrap_or_else(tokio::time::Instant::now)), if bulk_held_back => {}
+                () = self.lanes.reopened(bulk_decoding) => {}
             }
         }
-        Ok(self.batchers)
-    }
-
-    fn budget(&self) -> Arc<RowBudget> {
-        RowBudget::new(self.settings.limits.max_inflight_rows)
+        Ok(())
     }
 
     /// Handles what a lane's subscription yielded; false when the pipeline behind has stopped.
@@ -155,21 +143,20 @@ impl<'a> Consumer<'a> {
     async fn accept(&mut self, delivery: Delivery, feed: &mut Feed) -> bool {
         let received_at = Instant::now();
         let Delivery { data, properties, acker, .. } = delivery;
-        let reply = Reply {
-            acker,
-            routing_key: properties
-                .reply_to()
-                .clone()
-                .filter(|q| !q.as_str().is_empty())
-                .unwrap_or_else(|| ShortString::from(self.settings.amqp.results_queue.as_str())),
-            correlation_id: properties.correlation_id().clone(),
-        };
         let large = data.len() >= DECODE_APART_BYTES;
         let (limits, repository) = (self.settings.limits, Arc::clone(&self.repository));
-        let (lane, budget) = (feed.lane, Arc::clone(&feed.budget));
+        let reply_to = properties
+            .reply_to()
+            .clone()
+            .filter(|q| !q.as_str().is_empty())
+            .unwrap_or_else(|| ShortString::from(self.settings.amqp.results_queue.as_str()));
+        let lane = feed.lane;
         let decode = move || {
             let outcome = prepare(&data, &properties, received_at, &limits, &repository);
-            Decoded { lane, budget, received_at, data, properties, reply, outcome }
+            let queued_for = queue_wait(&properties);
+            let correlation_id = properties.correlation_id().clone();
+            let inbound = Inbound { acker, reply_to, correlation_id, properties, body: data };
+            Decoded { lane, received_at, queued_for, delivery: flow::Delivery::new(inbound), outcome }
         };
         if large {
             feed.decoding = true;
@@ -183,13 +170,10 @@ impl<'a> Consumer<'a> {
     /// Routes a decoded job to its batcher, or answers it with its error; false when the pipeline
     /// behind has stopped.
     async fn dispatch(&mut self, decoded: Decoded) -> bool {
-        let Decoded { lane, budget, received_at, data, properties, reply, outcome } = decoded;
-        let queue_wait = properties
-            .timestamp()
-            .map(|seconds| Duration::from_millis(epoch_ms().saturating_sub(seconds.saturating_mul(1000))));
+        let Decoded { lane, received_at, queued_for, delivery, outcome } = decoded;
         match outcome {
             Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol }) => {
-                telemetry::record_job_received(&model.name, lane, queue_wait);
+                telemetry::record_job_received(&model.name, lane.as_str(), queued_for);
                 telemetry::record_inflight(1.0, rows as f64);
                 self.next_seq += 1;
                 let meta = JobMeta {
@@ -197,13 +181,13 @@ impl<'a> Consumer<'a> {
                     job_id,
                     rows,
                     model,
+                    lane,
                     received_at,
-                    queued_for: queue_wait.unwrap_or_default(),
+                    queued_for: queued_for.unwrap_or_default(),
                     deadline_ms,
                     protocol,
-                    reply,
-                    original: Original { body: data, properties, lane },
-                    charge: budget.charge(rows),
+                    delivery,
+                    charge: self.lanes.budget(lane).charge(rows),
                 };
                 let job = Job { meta: Arc::new(meta), inputs };
                 let model = Arc::clone(&job.meta.model);
@@ -213,37 +197,34 @@ impl<'a> Consumer<'a> {
                 tracing::warn!(
                     job_id = error.job_id.as_deref().unwrap_or("-"),
                     model = error.model.as_deref().unwrap_or("-"),
-                    code = error.code.as_str(),
-                    error = %error.message,
+                    code = error.reason.code().as_str(),
+                    error = %error.reason,
                     "job rejected"
                 );
-                telemetry::record_job_error(error.code);
-                telemetry::record_inflight(1.0, 0.0);
                 let model = match error.model.as_deref() {
                     Some(name) if self.repository.names().contains(&name) => name,
                     _ => telemetry::UNKNOWN_MODEL_LABEL,
                 };
-                telemetry::record_job_done(
-                    model,
-                    lane,
-                    "error",
-                    0,
-                    queue_wait.unwrap_or_default() + received_at.elapsed(),
-                );
+                telemetry::record_job_received(model, lane.as_str(), queued_for);
+                telemetry::record_job_error(error.reason.code().as_str());
+                telemetry::record_inflight(1.0, 0.0);
+                let since = received_at.checked_sub(queued_for.unwrap_or_default()).unwrap_or(received_at);
                 let outgoing = Outgoing {
-                    reply,
+                    delivery,
                     job_id: error.job_id.clone(),
-                    rows: 0,
                     body: encode_error(&error),
-                    dead_letter: Some(DeadLetter {
-                        original: Original { body: data, properties, lane },
-                        failure: JobFailure { code: error.code, message: error.message },
-                    }),
+                    completion: Completion { model: model.to_string(), lane, status: "error", rows: 0, since },
+                    dead_letter: Some(error.reason),
                 };
                 self.publish.send(outgoing).await.is_ok()
             }
         }
     }
+}
+
+/// How long the message waited in the broker, from its AMQP `timestamp` (whole seconds).
+fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
+    properties.timestamp().map(|seconds| Duration::from_millis(epoch_ms().saturating_sub(seconds.saturating_mul(1000))))
 }
 
 /// Decodes, validates and binds a job to the version of `repository` that scores it. Pure.
@@ -253,42 +234,37 @@ fn prepare(
     received_at: Instant,
     limits: &LimitSettings,
     repository: &Repository,
-) -> Result<Prepared, JobError> {
+) -> Result<Prepared, Rejected> {
     let envelope = Envelope {
         body,
         message_id: properties.message_id().as_ref().map(ShortString::as_str),
         content_type: properties.content_type().as_ref().map(ShortString::as_str),
-        model_header: crate::oip::model_header(properties),
+        model_header: super::model_header(properties),
     };
     let JobRequest { job_id, model: model_name, model_version, features, protocol } = job::decode(envelope, limits)?;
-    let reject = |code, model_version, message: String| JobError {
+    let rejected = |model_version, reason| Rejected {
         job_id: Some(job_id.clone()),
         model: Some(model_name.clone()),
         model_version,
-        code,
-        message,
         protocol,
+        reason,
     };
-    let deadline_ms =
-        deadline(properties, received_at).map_err(|m| reject(ErrorCode::InvalidInput, model_version, m))?;
+    let deadline_ms = deadline(properties, received_at).map_err(|reason| rejected(model_version, reason))?;
     let model = repository
         .resolve(&model_name, model_version)
-        .map_err(|e| reject(ErrorCode::UnknownModel, model_version, e.to_string()))?;
+        .map_err(|e| rejected(model_version, Rejection::UnknownModel(e.to_string())))?;
     let rows = features.row_count();
-    let inputs =
-        job::bind(features, model).map_err(|message| reject(ErrorCode::InvalidInput, Some(model.version), message))?;
+    let inputs = job::bind(features, model).map_err(|reason| rejected(Some(model.version), reason))?;
     Ok(Prepared { job_id, rows, model: Arc::clone(model), inputs, deadline_ms, protocol })
 }
 
 /// A delivery with the outcome of its decoding, on its way to [`Consumer::dispatch`].
 struct Decoded {
     lane: Lane,
-    budget: Arc<RowBudget>,
     received_at: Instant,
-    data: Vec<u8>,
-    properties: BasicProperties,
-    reply: Reply,
-    outcome: Result<Prepared, JobError>,
+    queued_for: Option<Duration>,
+    delivery: flow::Delivery,
+    outcome: Result<Prepared, Rejected>,
 }
 
 /// A job that passed every check that does not need the engine.
@@ -298,12 +274,12 @@ struct Prepared {
     model: Arc<ModelVersion>,
     inputs: Vec<f32>,
     deadline_ms: Option<u64>,
-    protocol: job::Protocol,
+    protocol: Protocol,
 }
 
 /// The job's deadline in epoch milliseconds: header `x-deadline`, else the AMQP `expiration`
 /// counted from the message's `timestamp` (or from its receipt when it has none).
-fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option<u64>, String> {
+fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option<u64>, Rejection> {
     let received_ms = epoch_ms().saturating_sub(received_at.elapsed().as_millis() as u64);
     if let Some(value) = properties.headers().as_ref().and_then(|h| h.inner().get(DEADLINE_HEADER)) {
         let millis = match value {
@@ -316,7 +292,9 @@ fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option
             _ => None,
         };
         return millis.map(Some).ok_or_else(|| {
-            format!("header {DEADLINE_HEADER} must be epoch milliseconds as an integer, got {value:?}")
+            Rejection::InvalidInput(format!(
+                "header {DEADLINE_HEADER} must be epoch milliseconds as an integer, got {value:?}"
+            ))
         });
     }
     let Some(expiration) = properties.expiration().as_ref().and_then(|e| e.as_str().parse::<u64>().ok()) else {
@@ -326,27 +304,19 @@ fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option
     Ok(Some(published_ms + expiration))
 }
 
-/// One lane's subscription and row budget.
+/// One lane's subscription.
 struct Feed {
     lane: Lane,
     queue: String,
     /// None when the lane is not configured, or once its cancelled subscription has ended.
     deliveries: Option<lapin::Consumer>,
-    budget: Arc<RowBudget>,
-    /// A large body of this lane is being decoded: the lane takes no other delivery meanwhile,
-    /// so decoded rows stay within the budget.
+    /// A large body of this lane is being decoded (see [`LanePolicy::admits`]).
     decoding: bool,
 }
 
 impl Feed {
     /// Subscribes with a prefetch of its own: `basic.qos` applies to the consumers started after it.
-    async fn subscribe(
-        channel: &Channel,
-        lane: Lane,
-        queue: &str,
-        prefetch: u16,
-        budget: Arc<RowBudget>,
-    ) -> Result<Self, AmqpError> {
+    async fn subscribe(channel: &Channel, lane: Lane, queue: &str, prefetch: u16) -> Result<Self, AmqpError> {
         let queue_error = |source| AmqpError::Queue { queue: queue.to_string(), source };
         channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(queue_error)?;
         let deliveries = channel
@@ -354,19 +324,15 @@ impl Feed {
             .await
             .map_err(queue_error)?;
         tracing::info!(queue, lane = lane.as_str(), prefetch, "consuming jobs");
-        Ok(Self { lane, queue: queue.to_string(), deliveries: Some(deliveries), budget, decoding: false })
+        Ok(Self { lane, queue: queue.to_string(), deliveries: Some(deliveries), decoding: false })
     }
 
     fn absent(lane: Lane) -> Self {
-        Self { lane, queue: String::new(), deliveries: None, budget: RowBudget::new(usize::MAX), decoding: false }
+        Self { lane, queue: String::new(), deliveries: None, decoding: false }
     }
 
     fn is_open(&self) -> bool {
         self.deliveries.is_some()
-    }
-
-    fn can_take(&self) -> bool {
-        self.is_open() && !self.budget.is_spent() && !self.decoding
     }
 
     async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {

@@ -5,9 +5,9 @@ pub mod publisher;
 
 use lapin::options::{BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::pipeline::Lane;
+use crate::flow::Lane;
 use crate::settings::AmqpSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,14 +22,31 @@ pub enum AmqpError {
     Channel(#[from] lapin::Error),
     #[error("the broker ended the consumer on {0}")]
     ConsumerEnded(String),
+    #[error("a result reached the RabbitMQ publisher for a job that did not come from RabbitMQ")]
+    ForeignDelivery,
 }
 
-/// Where a job's result goes, and the handle that acknowledges the job once it is confirmed.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub acker: lapin::Acker,
-    pub routing_key: ShortString,
+/// What the publisher needs of a delivery, carried through the pipeline as an opaque
+/// [`crate::flow::Delivery`]: where the result goes, how to acknowledge the job once the result is
+/// confirmed, and the message as it arrived, to dead-letter it unchanged.
+#[derive(Debug)]
+pub struct Inbound {
+    pub acker: Acker,
+    /// The job's `reply_to`, else the results queue.
+    pub reply_to: ShortString,
     pub correlation_id: Option<ShortString>,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+/// The `x-model` header of a message; absent when missing, empty or not a string.
+pub fn model_header(properties: &BasicProperties) -> Option<&str> {
+    let model = match properties.headers().as_ref()?.inner().get(crate::oip::MODEL_HEADER)? {
+        AMQPValue::ShortString(value) => value.as_str(),
+        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok()?,
+        _ => return None,
+    };
+    Some(model).filter(|m| !m.is_empty())
 }
 
 /// Opens a connection; the URL's password is not echoed in errors.

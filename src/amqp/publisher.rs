@@ -14,24 +14,31 @@ use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::mpsc;
 
-use super::AmqpError;
-use crate::pipeline::{DeadLetter, Outgoing};
+use super::{AmqpError, Inbound};
+use crate::flow::{Completion, Lane, Outgoing, Rejection};
 use crate::settings::AmqpSettings;
 use crate::telemetry;
 
-/// Times a result is published again after the broker refused it before the job is requeued.
+/// Publishes of one result before the job is returned to the queue, when the broker keeps
+/// refusing it.
 const MAX_PUBLISH_ATTEMPTS: u32 = 3;
 /// Headers on a dead-lettered job saying why it was not scored.
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
 pub const ERROR_MESSAGE_HEADER: &str = "x-error-message";
 pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
 
+/// One job's result on its way out, with where it goes now.
+struct Publication {
+    outgoing: Outgoing,
+    routing_key: ShortString,
+    attempt: u32,
+}
+
 /// What the broker said about everything published for one job.
 struct Settled {
     result: Confirmation,
     dead_letter: Option<Confirmation>,
-    outgoing: Outgoing,
-    attempt: u32,
+    publication: Publication,
 }
 
 /// Publishes until `results` closes and every job is settled. At most one job per unacknowledged
@@ -56,18 +63,24 @@ pub async fn run(
     }
 }
 
+/// The transport's handle of a result's job.
+fn inbound(outgoing: &Outgoing) -> Result<&Inbound, AmqpError> {
+    outgoing.delivery.open::<Inbound>().ok_or(AmqpError::ForeignDelivery)
+}
+
 /// Publishes one job's result until the broker settles it, then acknowledges (or returns) the job.
 async fn deliver(
     channel: &Channel,
     settings: &AmqpSettings,
     fallback: &ShortString,
-    mut outgoing: Outgoing,
+    outgoing: Outgoing,
 ) -> Result<(), AmqpError> {
-    let mut attempt = 1;
+    let routing_key = inbound(&outgoing)?.reply_to.clone();
+    let mut publication = Publication { outgoing, routing_key, attempt: 1 };
     loop {
-        let settled = publish(channel, settings, outgoing, attempt).await?.await?;
+        let settled = publish(channel, settings, publication).await?.await?;
         match settle(settled, fallback).await? {
-            Some((retry, next_attempt)) => (outgoing, attempt) = (retry, next_attempt),
+            Some(again) => publication = again,
             None => return Ok(()),
         }
     }
@@ -76,18 +89,21 @@ async fn deliver(
 async fn publish(
     channel: &Channel,
     settings: &AmqpSettings,
-    outgoing: Outgoing,
-    attempt: u32,
+    publication: Publication,
 ) -> Result<impl Future<Output = Result<Settled, AmqpError>>, AmqpError> {
+    let outgoing = &publication.outgoing;
+    let job = inbound(outgoing)?;
     let dead_letter = match &outgoing.dead_letter {
-        Some(dead_letter) if attempt == 1 => Some(publish_dead_letter(channel, settings, dead_letter).await?),
+        Some(rejection) if publication.attempt == 1 => {
+            Some(publish_dead_letter(channel, settings, job, outgoing.completion.lane, rejection).await?)
+        }
         _ => None,
     };
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_type("scoring.result".into());
-    if let Some(correlation_id) = &outgoing.reply.correlation_id {
+    if let Some(correlation_id) = &job.correlation_id {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
     // AMQP short strings hold 255 bytes; a longer job id is still in the body.
@@ -97,9 +113,8 @@ async fn publish(
     // Mandatory: a result for a reply queue that no longer exists comes back instead of vanishing.
     let options = BasicPublishOptions { mandatory: true, ..Default::default() };
     let started = Instant::now();
-    let result = channel
-        .basic_publish("".into(), outgoing.reply.routing_key.clone(), options, &outgoing.body, properties)
-        .await?;
+    let result =
+        channel.basic_publish("".into(), publication.routing_key.clone(), options, &outgoing.body, properties).await?;
     let timeout = Duration::from_millis(settings.confirm_timeout_ms);
     Ok(async move {
         let result = confirmed(result, timeout).await?;
@@ -108,7 +123,7 @@ async fn publish(
             None => None,
         };
         telemetry::record_publish(started.elapsed());
-        Ok(Settled { result, dead_letter, outgoing, attempt })
+        Ok(Settled { result, dead_letter, publication })
     })
 }
 
@@ -116,17 +131,16 @@ async fn publish(
 async fn publish_dead_letter(
     channel: &Channel,
     settings: &AmqpSettings,
-    dead_letter: &DeadLetter,
+    job: &Inbound,
+    lane: Lane,
+    rejection: &Rejection,
 ) -> Result<PublisherConfirm, AmqpError> {
-    let mut headers = dead_letter.original.properties.headers().clone().unwrap_or_default();
-    headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(dead_letter.failure.code.as_str().into()));
-    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(dead_letter.failure.message.as_str().into()));
-    headers.insert(
-        ORIGINAL_QUEUE_HEADER.into(),
-        AMQPValue::LongString(super::lane_queue(settings, dead_letter.original.lane).into()),
-    );
+    let mut headers = job.properties.headers().clone().unwrap_or_default();
+    headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(rejection.code().as_str().into()));
+    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(rejection.message().into()));
+    headers.insert(ORIGINAL_QUEUE_HEADER.into(), AMQPValue::LongString(super::lane_queue(settings, lane).into()));
     // A fresh set of properties: the original's expiration would let the copy expire in the queue.
-    let original = &dead_letter.original.properties;
+    let original = &job.properties;
     let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
     if let Some(v) = original.content_type() {
         properties = properties.with_content_type(v.clone());
@@ -146,9 +160,9 @@ async fn publish_dead_letter(
     Ok(channel
         .basic_publish(
             settings.dead_letter_exchange.as_str().into(),
-            super::lane_queue(settings, dead_letter.original.lane).into(),
+            super::lane_queue(settings, lane).into(),
             BasicPublishOptions::default(),
-            &dead_letter.original.body,
+            &job.body,
             properties,
         )
         .await?)
@@ -162,66 +176,152 @@ async fn confirmed(confirm: PublisherConfirm, timeout: Duration) -> Result<Confi
 }
 
 /// What happens to the job behind a settled publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     Ack,
     /// Back to the queue, for another delivery.
     Requeue,
     /// Out of the queue without an answer (the broker dead-letters it).
     Reject,
-    /// Publish the result again (to `routing_key`, possibly changed).
+    /// Publish the result again, to the same queue.
     Retry,
+    /// Publish the result again, to the results queue: the reply queue does not exist.
+    Redirect,
 }
 
-/// Acks or requeues the job behind a settled publish; returns a result to publish again.
-async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<(Outgoing, u32)>, AmqpError> {
-    let Settled { result, dead_letter, mut outgoing, attempt } = settled;
-    let job_id = outgoing.job_id.clone().unwrap_or_default();
-    let verdict = match (&result, &dead_letter) {
-        (_, Some(Confirmation::Nack(_))) => {
-            tracing::error!(job_id, "the broker refused the dead-letter copy; the job returns to the queue");
-            Verdict::Requeue
-        }
-        (Confirmation::Ack(None) | Confirmation::NotRequested, _) => Verdict::Ack,
-        (Confirmation::Ack(Some(_)), _) if outgoing.reply.routing_key != *fallback => {
-            tracing::warn!(
-                job_id,
-                reply_to = outgoing.reply.routing_key.as_str(),
-                results_queue = fallback.as_str(),
-                "reply queue does not exist; sending the result to the results queue"
-            );
-            outgoing.reply.routing_key = fallback.clone();
-            Verdict::Retry
-        }
-        (Confirmation::Ack(Some(_)), _) => {
-            tracing::error!(
-                job_id,
-                queue = fallback.as_str(),
-                "results queue does not exist; the job is rejected (declare the queue or set amqp.declare_queues)"
-            );
-            Verdict::Reject
-        }
-        (Confirmation::Nack(_), _) if attempt < MAX_PUBLISH_ATTEMPTS => {
-            tracing::warn!(job_id, attempt, "broker refused the result; publishing it again");
-            Verdict::Retry
-        }
-        (Confirmation::Nack(_), _) => {
-            tracing::error!(job_id, attempt, "broker refused the result repeatedly; the job returns to the queue");
-            Verdict::Requeue
-        }
-    };
-    // Counted once the copy is confirmed, whatever becomes of the result.
-    if let (Some(copy), Some(confirmation)) = (&outgoing.dead_letter, &dead_letter) {
-        if !matches!(confirmation, Confirmation::Nack(_)) {
-            telemetry::record_dead_lettered(copy.failure.code);
+/// What the broker did with one published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Confirmed {
+    Stored,
+    /// Returned as unroutable: the queue it was sent to does not exist.
+    Returned,
+    Refused,
+}
+
+impl From<&Confirmation> for Confirmed {
+    fn from(confirmation: &Confirmation) -> Self {
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Confirmed::Stored,
+            Confirmation::Ack(Some(_)) => Confirmed::Returned,
+            Confirmation::Nack(_) => Confirmed::Refused,
         }
     }
-    let acker = &outgoing.reply.acker;
+}
+
+/// The verdict on a job from the broker's confirms of its result (sent to the results queue or
+/// not) and of its dead-letter copy, at the given publish attempt.
+fn verdict(result: Confirmed, dead_letter: Option<Confirmed>, to_results_queue: bool, attempt: u32) -> Verdict {
+    match (result, dead_letter) {
+        (_, Some(Confirmed::Refused)) => Verdict::Requeue,
+        (Confirmed::Stored, _) => Verdict::Ack,
+        (Confirmed::Returned, _) if !to_results_queue => Verdict::Redirect,
+        (Confirmed::Returned, _) => Verdict::Reject,
+        (Confirmed::Refused, _) if attempt < MAX_PUBLISH_ATTEMPTS => Verdict::Retry,
+        (Confirmed::Refused, _) => Verdict::Requeue,
+    }
+}
+
+/// Acks or returns the job behind a settled publish; returns the result to publish again.
+async fn settle(settled: Settled, fallback: &ShortString) -> Result<Option<Publication>, AmqpError> {
+    let Settled { result, dead_letter, mut publication } = settled;
+    let to_results_queue = publication.routing_key == *fallback;
+    let dead_letter = dead_letter.as_ref().map(Confirmed::from);
+    let verdict = verdict(Confirmed::from(&result), dead_letter, to_results_queue, publication.attempt);
+    let outgoing = &publication.outgoing;
+    let (job_id, attempt) = (outgoing.job_id.as_deref().unwrap_or_default(), publication.attempt);
+    let dead_letter_refused = dead_letter == Some(Confirmed::Refused);
     match verdict {
-        Verdict::Retry => return Ok(Some((outgoing, attempt + 1))),
-        Verdict::Ack => acker.ack(BasicAckOptions::default()).await?,
-        Verdict::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?,
-        Verdict::Reject => acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?,
-    };
-    telemetry::record_inflight(-1.0, -(outgoing.rows as f64));
+        Verdict::Requeue if dead_letter_refused => {
+            tracing::error!(job_id, "the broker refused the dead-letter copy; the job returns to the queue")
+        }
+        Verdict::Requeue => {
+            tracing::error!(job_id, attempt, "broker refused the result repeatedly; the job returns to the queue")
+        }
+        Verdict::Redirect => tracing::warn!(
+            job_id,
+            reply_to = publication.routing_key.as_str(),
+            results_queue = fallback.as_str(),
+            "reply queue does not exist; sending the result to the results queue"
+        ),
+        Verdict::Reject => tracing::error!(
+            job_id,
+            queue = fallback.as_str(),
+            "results queue does not exist; the job is rejected (declare the queue or set amqp.declare_queues)"
+        ),
+        Verdict::Retry => tracing::warn!(job_id, attempt, "broker refused the result; publishing it again"),
+        Verdict::Ack => {}
+    }
+    // Counted once the copy is confirmed, whatever becomes of the result.
+    if let (Some(rejection), Some(_)) = (&outgoing.dead_letter, &dead_letter) {
+        if !dead_letter_refused {
+            telemetry::record_dead_lettered(rejection.code().as_str());
+        }
+    }
+    let acker = &inbound(outgoing)?.acker;
+    match verdict {
+        Verdict::Retry | Verdict::Redirect => {
+            if verdict == Verdict::Redirect {
+                publication.routing_key = fallback.clone();
+            }
+            publication.attempt += 1;
+            return Ok(Some(publication));
+        }
+        Verdict::Ack => {
+            acker.ack(BasicAckOptions::default()).await?;
+            record_completed(&outgoing.completion);
+        }
+        Verdict::Requeue => {
+            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        }
+        Verdict::Reject => {
+            acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+        }
+    }
+    telemetry::record_inflight(-1.0, -(outgoing.completion.rows as f64));
     Ok(None)
+}
+
+/// The job is answered and acknowledged: it counts as completed.
+fn record_completed(job: &Completion) {
+    telemetry::record_job_done(&job.model, job.lane.as_str(), job.status, job.rows, job.since.elapsed());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Confirmed::{Refused, Returned, Stored};
+    use super::*;
+
+    #[test]
+    fn a_confirmed_result_acknowledges_the_job() {
+        assert_eq!(verdict(Stored, None, false, 1), Verdict::Ack);
+        assert_eq!(verdict(Stored, Some(Stored), true, 1), Verdict::Ack);
+    }
+
+    #[test]
+    fn a_refused_dead_letter_copy_returns_the_job_whatever_the_result() {
+        assert_eq!(verdict(Stored, Some(Refused), false, 1), Verdict::Requeue);
+        assert_eq!(verdict(Refused, Some(Refused), false, 1), Verdict::Requeue);
+    }
+
+    #[test]
+    fn a_missing_reply_queue_redirects_to_the_results_queue_once() {
+        assert_eq!(verdict(Returned, None, false, 1), Verdict::Redirect);
+        // The results queue itself is missing: nothing to send the result to.
+        assert_eq!(verdict(Returned, None, true, 2), Verdict::Reject);
+    }
+
+    #[test]
+    fn a_refused_result_is_retried_then_returned_to_the_queue() {
+        for attempt in 1..MAX_PUBLISH_ATTEMPTS {
+            assert_eq!(verdict(Refused, None, false, attempt), Verdict::Retry, "attempt {attempt}");
+        }
+        assert_eq!(verdict(Refused, None, false, MAX_PUBLISH_ATTEMPTS), Verdict::Requeue);
+    }
+
+    #[test]
+    fn unroutable_and_refused_confirms_are_told_apart() {
+        assert_eq!(Confirmed::from(&Confirmation::Ack(None)), Stored);
+        assert_eq!(Confirmed::from(&Confirmation::NotRequested), Stored);
+        assert_eq!(Confirmed::from(&Confirmation::Nack(None)), Refused);
+    }
 }

@@ -1,0 +1,285 @@
+//! The types every stage shares, and nothing else: a decoded [`Job`], the [`Batch`] a batcher
+//! hands to a run, the [`ScoredBatch`] a run hands to the result stage, the [`Outgoing`] result the
+//! publisher sends, and the typed [`Rejection`] of a job that cannot be scored. It names no stage
+//! and no transport: a job carries its delivery as an opaque [`Delivery`] that only the transport
+//! that made it can open, so every stage after decoding runs on plain channels in tests.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::budget::Charge;
+use crate::engine::{Column, InferenceError, ModelVersion};
+
+/// Where a job came from: the online lane's rows are batched before the bulk lane's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Online,
+    Bulk,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Online => "online",
+            Lane::Bulk => "bulk",
+        }
+    }
+}
+
+/// The wire form of a job, which its result (ok or error) answers in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// `job_id`, `model`, `rows` or `records`; results with `status` and `outputs` by name.
+    #[default]
+    Native,
+    /// Open Inference Protocol (KServe V2): `id`, `model_name`, `inputs` tensors; results with
+    /// `outputs` tensors.
+    OpenInference,
+}
+
+/// Error codes of the wire contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidInput,
+    UnknownModel,
+    TooLarge,
+    Internal,
+    /// The job's deadline passed before it could be scored.
+    Expired,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::UnknownModel => "unknown_model",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Expired => "expired",
+        }
+    }
+}
+
+/// Why a job (or some of its rows) was not scored. The variant is the contract's error code; the
+/// message names the problem and, where the sender can fix it, how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    UnknownModel(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    Expired(String),
+}
+
+impl Rejection {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Rejection::InvalidJson(_) => ErrorCode::InvalidJson,
+            Rejection::InvalidInput(_) => ErrorCode::InvalidInput,
+            Rejection::UnknownModel(_) => ErrorCode::UnknownModel,
+            Rejection::TooLarge(_) => ErrorCode::TooLarge,
+            Rejection::Internal(_) => ErrorCode::Internal,
+            Rejection::Expired(_) => ErrorCode::Expired,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Rejection::InvalidJson(m)
+            | Rejection::InvalidInput(m)
+            | Rejection::UnknownModel(m)
+            | Rejection::TooLarge(m)
+            | Rejection::Internal(m)
+            | Rejection::Expired(m) => m,
+        }
+    }
+
+    /// Expired jobs are answered but not dead-lettered: nothing is wrong with them.
+    pub fn dead_letters(&self) -> bool {
+        !matches!(self, Rejection::Expired(_))
+    }
+}
+
+impl From<InferenceError> for Rejection {
+    fn from(error: InferenceError) -> Self {
+        Rejection::Internal(format!("inference failed: {error}"))
+    }
+}
+
+/// A job that cannot be scored, with what is known about it for its error result.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {reason}", reason.code().as_str())]
+pub struct Rejected {
+    pub job_id: Option<String>,
+    pub model: Option<String>,
+    pub model_version: Option<u64>,
+    pub protocol: Protocol,
+    pub reason: Rejection,
+}
+
+impl Rejected {
+    /// A job known by nothing but the reason it was refused.
+    pub fn anonymous(reason: Rejection) -> Self {
+        Self { job_id: None, model: None, model_version: None, protocol: Protocol::Native, reason }
+    }
+}
+
+/// The transport's handle on one delivery: how to answer it, acknowledge it and dead-letter it.
+/// Opaque to every stage but the transport that made it, which opens it with [`Delivery::open`].
+#[derive(Clone)]
+pub struct Delivery(Arc<dyn Any + Send + Sync>);
+
+impl Delivery {
+    pub fn new<T: Any + Send + Sync>(handle: T) -> Self {
+        Self(Arc::new(handle))
+    }
+
+    /// The transport's own handle, or `None` when this delivery came from another transport.
+    pub fn open<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Delivery")
+    }
+}
+
+/// A validated job on its way to its batcher.
+#[derive(Debug)]
+pub struct Job {
+    pub meta: Arc<JobMeta>,
+    /// `meta.rows × n_features` values, row-major.
+    pub inputs: Vec<f32>,
+}
+
+/// What every stage after decoding needs to know about a job.
+#[derive(Debug)]
+pub struct JobMeta {
+    /// Unique per connection; keys the reassembly of split jobs.
+    pub seq: u64,
+    pub job_id: String,
+    pub model: Arc<ModelVersion>,
+    pub rows: usize,
+    pub lane: Lane,
+    pub received_at: Instant,
+    /// How long the job waited in the broker (from its AMQP timestamp), for end-to-end latency.
+    pub queued_for: Duration,
+    /// Epoch milliseconds after which the job is answered `expired` instead of scored.
+    pub deadline_ms: Option<u64>,
+    /// The wire form the job came in; its result answers in the same form.
+    pub protocol: Protocol,
+    pub delivery: Delivery,
+    /// The job's rows in its lane's budget, returned when the job is answered.
+    pub charge: Charge,
+}
+
+/// Why a batch stopped taking rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A session was free.
+    Idle,
+    /// The lane's `max_batch_rows` reached.
+    Size,
+    /// The oldest rows waited the lane's `max_delay_ms` for a busy engine.
+    Delay,
+    /// The jobs channel closed (shutdown or reconnect): flushing what is left.
+    Drain,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::Size => "size",
+            CloseReason::Delay => "delay",
+            CloseReason::Drain => "drain",
+        }
+    }
+}
+
+/// A contiguous run of one job's rows inside a batch.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub job: Arc<JobMeta>,
+    /// First row of this segment within its job.
+    pub job_offset: usize,
+    /// First row of this segment within the batch.
+    pub batch_offset: usize,
+    pub rows: usize,
+}
+
+impl Segment {
+    pub fn is_whole_job(&self) -> bool {
+        self.job_offset == 0 && self.rows == self.job.rows
+    }
+}
+
+/// Rows ready for one session run: row-major inputs and where each job's rows sit.
+#[derive(Debug)]
+pub struct Batch {
+    pub inputs: Vec<f32>,
+    pub rows: usize,
+    pub segments: Vec<Segment>,
+    pub closed_by: CloseReason,
+}
+
+/// The outcome of one run (or of jobs that expired before one), on its way to the result stage.
+#[derive(Debug)]
+pub struct ScoredBatch {
+    pub segments: Vec<Segment>,
+    pub outcome: Result<Vec<Column>, Rejection>,
+    pub started_at: Instant,
+    pub inference_time: Duration,
+}
+
+impl ScoredBatch {
+    /// The batch's jobs, answered with `rejection` instead of scores.
+    pub fn failed(segments: Vec<Segment>, rejection: Rejection) -> Self {
+        ScoredBatch { segments, outcome: Err(rejection), started_at: Instant::now(), inference_time: Duration::ZERO }
+    }
+}
+
+/// An encoded result on its way to the publisher.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub delivery: Delivery,
+    pub job_id: Option<String>,
+    pub body: Vec<u8>,
+    /// Set for jobs that cannot be scored: the delivery goes to the dead-letter exchange.
+    pub dead_letter: Option<Rejection>,
+    /// What the job counts as once its result is confirmed.
+    pub completion: Completion,
+}
+
+/// A job's figures for `batchscore_jobs_completed_total` and its latency histogram, counted only
+/// when its result is confirmed and the job acknowledged.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// A repository model name, or `telemetry::UNKNOWN_MODEL_LABEL`.
+    pub model: String,
+    pub lane: Lane,
+    /// `ok`, `error` or `expired`.
+    pub status: &'static str,
+    pub rows: usize,
+    /// When the job was published (or, without a timestamp, received): end-to-end latency.
+    pub since: Instant,
+}
+
+/// Now in epoch milliseconds, the unit of job deadlines.
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
