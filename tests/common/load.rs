@@ -1,5 +1,6 @@
 //! Load for fault tests: many single-row jobs published with confirms to a durable reply queue,
-//! and a collector that keeps every result (duplicates included) across broker restarts.
+//! and a collector that keeps every result (duplicates included) across broker restarts. Each
+//! helper talks to the shared broker; its `_at` twin takes the URL of another (a private node).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -10,11 +11,15 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
-use super::{connect, expected};
+use super::{connect_to, default_url, expected};
 
 /// A durable quorum reply queue that outlives broker restarts and client connections.
 pub async fn declare_reply_queue(name: &str) {
-    let connection = connect().await;
+    declare_reply_queue_at(&default_url(), name).await;
+}
+
+pub async fn declare_reply_queue_at(url: &str, name: &str) {
+    let connection = connect_to(url).await;
     let channel = connection.create_channel().await.expect("channel");
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
@@ -23,7 +28,11 @@ pub async fn declare_reply_queue(name: &str) {
 }
 
 pub async fn delete_queue(name: &str) {
-    let connection = connect().await;
+    delete_queue_at(&default_url(), name).await;
+}
+
+pub async fn delete_queue_at(url: &str, name: &str) {
+    let connection = connect_to(url).await;
     let channel = connection.create_channel().await.expect("channel");
     let _ = channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
 }
@@ -31,8 +40,12 @@ pub async fn delete_queue(name: &str) {
 /// Publishes jobs `0..n` (persistent, confirmed) to `jobs_queue`, replying to `reply_queue`.
 /// Job `i` scores fixture row `i % 64` of `linear` v1, so every result can be checked.
 pub async fn publish_jobs(jobs_queue: &str, reply_queue: &str, n: usize) {
+    publish_jobs_at(&default_url(), jobs_queue, reply_queue, n).await;
+}
+
+pub async fn publish_jobs_at(url: &str, jobs_queue: &str, reply_queue: &str, n: usize) {
     let rows = expected("linear_v1")["rows"].clone();
-    let connection = connect().await;
+    let connection = connect_to(url).await;
     let channel = connection.create_channel().await.expect("channel");
     channel.confirm_select(Default::default()).await.expect("confirms");
     let mut confirms = Vec::with_capacity(n);
@@ -58,8 +71,11 @@ pub async fn publish_jobs(jobs_queue: &str, reply_queue: &str, n: usize) {
 
 /// Messages waiting in `queue` (0 when it cannot be asked, e.g. while the broker restarts).
 pub async fn depth(queue: &str) -> u32 {
-    let Ok(connection) = lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default()).await
-    else {
+    depth_at(&default_url(), queue).await
+}
+
+pub async fn depth_at(url: &str, queue: &str) -> u32 {
+    let Ok(connection) = lapin::Connection::connect(url, Default::default()).await else {
         return 0;
     };
     let Ok(channel) = connection.create_channel().await else { return 0 };
@@ -69,8 +85,12 @@ pub async fn depth(queue: &str) -> u32 {
 
 /// Waits until `queue` holds at least `n` messages.
 pub async fn wait_for_depth(queue: &str, n: u32, timeout: Duration) {
+    wait_for_depth_at(&default_url(), queue, n, timeout).await;
+}
+
+pub async fn wait_for_depth_at(url: &str, queue: &str, n: u32, timeout: Duration) {
     let started = Instant::now();
-    while depth(queue).await < n {
+    while depth_at(url, queue).await < n {
         assert!(started.elapsed() < timeout, "{queue} did not reach {n} messages in {timeout:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -79,6 +99,10 @@ pub async fn wait_for_depth(queue: &str, n: u32, timeout: Duration) {
 /// Every result received per job id, until each of `0..n` has one; reconnects when the broker
 /// goes away. Results are acknowledged only after they are recorded.
 pub async fn collect(reply_queue: &str, n: usize, timeout: Duration) -> HashMap<String, Vec<Value>> {
+    collect_at(&default_url(), reply_queue, n, timeout).await
+}
+
+pub async fn collect_at(url: &str, reply_queue: &str, n: usize, timeout: Duration) -> HashMap<String, Vec<Value>> {
     let started = Instant::now();
     let mut results: HashMap<String, Vec<Value>> = HashMap::new();
     while results.len() < n {
@@ -87,9 +111,7 @@ pub async fn collect(reply_queue: &str, n: usize, timeout: Duration) -> HashMap<
                 (0..n).map(|i| format!("job-{i}")).filter(|id| !results.contains_key(id)).take(10).collect();
             panic!("only {} of {n} jobs answered within {timeout:?}; missing include {missing:?}", results.len());
         }
-        let Ok(connection) =
-            lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default()).await
-        else {
+        let Ok(connection) = lapin::Connection::connect(url, Default::default()).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };

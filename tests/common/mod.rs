@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod load;
+pub mod private_broker;
 
 pub const TOLERANCE: f64 = 1e-6;
 
@@ -98,7 +99,7 @@ impl TestWorker {
     }
 
     async fn leftovers(settings: &Settings) -> (u32, Vec<lapin::message::BasicGetMessage>) {
-        let connection = connect().await;
+        let connection = connect_to(&settings.amqp.url).await;
         let channel = connection.create_channel().await.expect("channel");
         let amqp = &settings.amqp;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
@@ -141,7 +142,7 @@ pub async fn is_ready(metrics: SocketAddr) -> bool {
 
 /// Removes a test's queues and dead-letter exchange.
 pub async fn delete_topology(settings: &Settings) {
-    let connection = connect().await;
+    let connection = connect_to(&settings.amqp.url).await;
     let channel = connection.create_channel().await.expect("channel");
     let amqp = &settings.amqp;
     // An empty name means "the last queue declared on this channel" to the broker: skip it.
@@ -154,9 +155,19 @@ pub async fn delete_topology(settings: &Settings) {
     let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
 }
 
+/// The shared broker: `BATCHSCORE__AMQP__URL`, else the local RabbitMQ (what `settings()` gives).
+pub fn default_url() -> String {
+    std::env::var("BATCHSCORE__AMQP__URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
 pub async fn connect() -> Connection {
-    let url = std::env::var("BATCHSCORE__AMQP__URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    Connection::connect(&url, ConnectionProperties::default()).await.expect("RabbitMQ answers on 127.0.0.1:5672")
+    connect_to(&default_url()).await
+}
+
+pub async fn connect_to(url: &str) -> Connection {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ does not answer at {url} ({e}): start it with scripts/setup.sh"))
 }
 
 /// Sends jobs to a worker and receives their results on a private reply queue.

@@ -1,0 +1,400 @@
+//! A RabbitMQ node of the test's own, for fault tests that stop or restart a broker: it runs on
+//! free ports with its own node name, data, log and config files under a temporary directory, and
+//! is stopped and removed when dropped. The shared broker on 127.0.0.1:5672 is never touched:
+//! every `rabbitmqctl` call names this node with `-n`.
+//!
+//! The node is started through the Debian wrapper (`rabbitmq-server`, which runs it as user
+//! `rabbitmq`), so the test must run as root or as `rabbitmq`, and `rabbitmqctl` reaches it with
+//! the `rabbitmq` user's Erlang cookie. Each node picks its own name and ports, so a cluster is
+//! several `PrivateBroker`s joined with `rabbitmqctl(&["stop_app"])`,
+//! `rabbitmqctl(&["join_cluster", first.node()])`, `rabbitmqctl(&["start_app"])`.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lapin::{Connection, ConnectionProperties};
+
+/// Longest a node may take to boot. A cold boot takes 15-20 s on a busy 2-core machine.
+const BOOT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Longest one `rabbitmqctl` command may run (`start_app` plus `await_startup` included).
+const CTL_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Longest the orderly `rabbitmqctl stop` may take before the node is killed.
+const STOP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Boot attempts; a new attempt only follows a port clash (another process took a port between
+/// choosing it and the node binding it).
+const ATTEMPTS: usize = 3;
+
+/// Ports a node must not take: the shared node's AMQP and distribution ports, epmd, and the range
+/// `rabbitmqctl` binds for its own distribution (`RABBITMQ_CTL_DIST_PORT_MIN`..`+10`).
+fn reserved(port: u16) -> bool {
+    matches!(port, 4369 | 5672 | 25672 | 35672..=35682)
+}
+
+/// Kills the node if the test process dies without dropping its `PrivateBroker` (killed, or
+/// interrupted: the node runs in its own session, so Ctrl-C does not reach it). It waits for its
+/// stdin to close, which happens when the test process exits; a normal drop kills it first.
+const WATCHDOG: &str = r#"
+trap '' INT TERM HUP
+read -r _ || true
+dir=$1
+for _ in $(seq 1 60); do [ -s "$dir/pid" ] && break; sleep 0.5; done
+pid=$(cat "$dir/pid" 2>/dev/null || true)
+if [ -n "$pid" ] && grep -q beam "/proc/$pid/comm" 2>/dev/null; then kill -KILL "$pid"; fi
+rm -rf "$dir"
+"#;
+
+/// One private RabbitMQ node; `url()` is its AMQP URL (guest/guest, loopback only).
+pub struct PrivateBroker {
+    node: String,
+    amqp_port: u16,
+    dir: PathBuf,
+    /// The `rabbitmq-server` wrapper; the Erlang VM runs below it, in another session.
+    server: Child,
+    watchdog: Child,
+    /// Held open until drop: the watchdog acts when it closes.
+    _watchdog_stdin: ChildStdin,
+}
+
+/// Why a boot attempt failed.
+enum BootFailure {
+    /// A port was taken by someone else: try again with other ports.
+    PortClash,
+    Fatal(String),
+}
+
+impl PrivateBroker {
+    /// Starts a node and waits until it accepts AMQP connections.
+    pub async fn start() -> PrivateBroker {
+        for _ in 0..ATTEMPTS {
+            let mut broker = Self::spawn().unwrap_or_else(|error| panic!("{error}"));
+            match broker.wait_until_booted().await {
+                Ok(()) => return broker,
+                Err(BootFailure::PortClash) => continue,
+                Err(BootFailure::Fatal(error)) => panic!("{error}"),
+            }
+        }
+        panic!("a private RabbitMQ node lost its ports to other processes {ATTEMPTS} times in a row");
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// The Erlang node name, `batchscore-test-<id>@localhost`.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stops the RabbitMQ application (the Erlang node stays up): connections close, the AMQP
+    /// port closes, queues keep their messages.
+    pub async fn stop_app(&self) {
+        self.rabbitmqctl(&["stop_app"]).await;
+    }
+
+    /// Starts the application again and returns once it has fully booted.
+    pub async fn start_app(&self) {
+        self.rabbitmqctl(&["start_app"]).await;
+        self.rabbitmqctl(&["await_startup", "--timeout", "60"]).await;
+    }
+
+    /// Runs `rabbitmqctl -n <this node> <args>` and returns its standard output; panics with its
+    /// output when it fails or runs longer than `CTL_PATIENCE`.
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> String {
+        let command = ctl_command(&self.node, args);
+        let shown = format!("rabbitmqctl -n {} {}", self.node, args.join(" "));
+        let output = tokio::task::spawn_blocking(move || run_bounded(command, CTL_PATIENCE))
+            .await
+            .expect("the rabbitmqctl thread does not panic");
+        match output {
+            Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).into_owned(),
+            Ok(output) => panic!(
+                "`{shown}` failed ({}): {}{}; node log: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+                self.dir.join("log").display()
+            ),
+            Err(error) => panic!("`{shown}` {error}"),
+        }
+    }
+
+    /// Prepares a directory, starts the node and its watchdog; does not wait for the boot.
+    fn spawn() -> Result<PrivateBroker, String> {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let node = format!("batchscore-test-{id}@localhost");
+        let (amqp_port, dist_port) = two_free_ports();
+        let dir = std::env::temp_dir().join(format!("batchscore-broker-{id}"));
+        prepare_directory(&dir, amqp_port)?;
+
+        let console = fs::File::create(dir.join("console.log")).and_then(|file| Ok((file.try_clone()?, file)));
+        let (console, console_err) = console.map_err(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            format!("creating {}: {e}", dir.join("console.log").display())
+        })?;
+        let mut server = Command::new("rabbitmq-server");
+        // Inherited RABBITMQ_* variables could point the node at the shared node's files.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("RABBITMQ_") {
+                server.env_remove(name);
+            }
+        }
+        server
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            // Instead of /etc/rabbitmq/rabbitmq-env.conf, which names the shared node.
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            // What the shared env file sets too: epmd and distribution on loopback only.
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(console_err);
+        let mut server = server.spawn().map_err(|e| {
+            let _ = fs::remove_dir_all(&dir);
+            format!("cannot run rabbitmq-server ({e}): install RabbitMQ (scripts/setup.sh) so that it is on PATH")
+        })?;
+
+        let watchdog = Command::new("sh")
+            .args(["-c", WATCHDOG, "sh"])
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut watchdog = match watchdog {
+            Ok(watchdog) => watchdog,
+            Err(e) => {
+                // Without the watchdog the node would be stopped by nobody: stop it here.
+                stop_node(&node, &dir, &mut server);
+                let _ = fs::remove_dir_all(&dir);
+                return Err(format!("cannot run sh for the private node's watchdog: {e}"));
+            }
+        };
+        let watchdog_stdin = watchdog.stdin.take().expect("stdin was piped just above");
+        Ok(PrivateBroker { node, amqp_port, dir, server, watchdog, _watchdog_stdin: watchdog_stdin })
+    }
+
+    /// Waits until the node's AMQP port answers, the node reports a finished boot, and guest can
+    /// open an AMQP connection.
+    async fn wait_until_booted(&mut self) -> Result<(), BootFailure> {
+        let started = Instant::now();
+        loop {
+            if self.server_exited() {
+                if self.lost_a_port() {
+                    return Err(BootFailure::PortClash);
+                }
+                return Err(BootFailure::Fatal(format!(
+                    "the private RabbitMQ node {} exited while booting; run the test as root or as user \
+                     rabbitmq, with RabbitMQ installed and {} reachable by user rabbitmq (set TMPDIR to \
+                     /tmp otherwise). Its console:\n{}",
+                    self.node,
+                    self.dir.display(),
+                    self.console_tail()
+                )));
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.amqp_port)).await.is_ok() {
+                break;
+            }
+            if started.elapsed() > BOOT_PATIENCE {
+                return Err(BootFailure::Fatal(format!(
+                    "the private RabbitMQ node {} did not open port {} within {BOOT_PATIENCE:?}; its console:\n{}",
+                    self.node,
+                    self.amqp_port,
+                    self.console_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The port could belong to someone else: the node itself must report its boot finished
+        // (it fails its boot when it cannot bind the port).
+        let command = ctl_command(&self.node, &["await_startup", "--timeout", "60"]);
+        let awaited = tokio::task::spawn_blocking(move || run_bounded(command, CTL_PATIENCE))
+            .await
+            .expect("the rabbitmqctl thread does not panic");
+        match awaited {
+            Ok(output) if output.status.success() => {}
+            _ if self.lost_a_port() => return Err(BootFailure::PortClash),
+            Ok(output) => {
+                return Err(BootFailure::Fatal(format!(
+                    "rabbitmqctl -n {} await_startup failed: {}{}; its console:\n{}",
+                    self.node,
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr),
+                    self.console_tail()
+                )))
+            }
+            Err(error) => {
+                return Err(BootFailure::Fatal(format!("rabbitmqctl -n {} await_startup {error}", self.node)))
+            }
+        }
+        let connection = Connection::connect(&self.url(), ConnectionProperties::default()).await.map_err(|e| {
+            BootFailure::Fatal(format!("the private RabbitMQ node {} refuses guest on {}: {e}", self.node, self.url()))
+        })?;
+        let _ = connection.close(200, "booted".into()).await;
+        Ok(())
+    }
+
+    fn server_exited(&mut self) -> bool {
+        matches!(self.server.try_wait(), Ok(Some(_)))
+    }
+
+    /// The node failed its boot because another process holds its AMQP or distribution port.
+    fn lost_a_port(&self) -> bool {
+        let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        console.contains("eaddrinuse") || console.contains("dist_port_already_used")
+    }
+
+    /// The last 4,000 characters of the node's console output.
+    fn console_tail(&self) -> String {
+        let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let start = console.char_indices().rev().nth(4_000).map_or(0, |(i, _)| i);
+        console[start..].to_string()
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        stop_node(&self.node, &self.dir, &mut self.server);
+        // The node is gone: the watchdog has nothing left to do. It only runs the shell builtin
+        // `read`, so killing it leaves no process behind.
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        if std::thread::panicking() {
+            eprintln!("private RabbitMQ node {}: files and logs kept in {}", self.node, self.dir.display());
+        } else if let Err(error) = fs::remove_dir_all(&self.dir) {
+            eprintln!("could not remove {}: {error}", self.dir.display());
+        }
+    }
+}
+
+/// Stops the node: `rabbitmqctl stop <pid file>` (which waits for the Erlang VM to exit), then,
+/// if the VM is still alive, SIGKILL to its pid; finally reaps the wrapper process.
+fn stop_node(node: &str, dir: &Path, server: &mut Child) {
+    let pid_file = dir.join("pid");
+    let pid_file = pid_file.to_string_lossy();
+    let _ = run_bounded(ctl_command(node, &["stop", &pid_file]), STOP_PATIENCE);
+    if let Some(pid) = beam_pid(dir) {
+        kill(pid);
+    }
+    // The wrapper exits once the VM has; kill it too if it lingers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match server.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = server.kill();
+                let _ = server.wait();
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The pid of the node's Erlang VM, if it is still running.
+fn beam_pid(dir: &Path) -> Option<u32> {
+    let pid: u32 = fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()?;
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    comm.starts_with("beam").then_some(pid)
+}
+
+fn kill(pid: u32) {
+    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+}
+
+/// `rabbitmqctl -n <node> <args>`. Always `-n`: a bare rabbitmqctl addresses the shared node.
+fn ctl_command(node: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("rabbitmqctl");
+    command.arg("-n").arg(node).args(args);
+    command
+}
+
+/// Runs a command with a deadline. On expiry the command is killed and an error returned.
+fn run_bounded(mut command: Command, patience: Duration) -> Result<Output, String> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ({e}): install RabbitMQ (scripts/setup.sh) so that it is on PATH"))?;
+    let pid = child.id();
+    let (done, outcome) = mpsc::channel();
+    // wait_with_output reads both pipes while waiting, so a chatty command cannot fill one and
+    // stall; the thread gives the wait a deadline.
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match outcome.recv_timeout(patience) {
+        Ok(output) => output.map_err(|e| format!("could not be waited for: {e}")),
+        Err(_) => {
+            kill(pid);
+            Err(format!("did not finish within {patience:?}"))
+        }
+    }
+}
+
+/// Two distinct free loopback ports, neither reserved. Both listeners are held while the second
+/// is chosen, so the two differ.
+fn two_free_ports() -> (u16, u16) {
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port on 127.0.0.1");
+        let port = listener.local_addr().expect("a bound listener has an address").port();
+        if !reserved(port) {
+            held.push((listener, port));
+        }
+    }
+    (held[0].1, held[1].1)
+}
+
+/// Creates the node's directory with its config files, owned by the user the node runs as.
+fn prepare_directory(dir: &Path, amqp_port: u16) -> Result<(), String> {
+    let write = |name: &str, text: &str| -> Result<(), String> {
+        fs::File::create(dir.join(name))
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .map_err(|e| format!("writing {}: {e}", dir.join(name).display()))
+    };
+    for sub in ["mnesia", "log"] {
+        fs::create_dir_all(dir.join(sub)).map_err(|e| format!("creating {}: {e}", dir.join(sub).display()))?;
+    }
+    // Loopback only; no plugins, so no management or prometheus listener competes with the
+    // shared node's.
+    write("rabbitmq.conf", &format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\n"))?;
+    write("enabled_plugins", "[].\n")?;
+    write("rabbitmq-env.conf", "# Everything is set through the environment of rabbitmq-server.\n")?;
+    // rabbitmq-server runs the node as user rabbitmq, which must write here. The directory is
+    // new, so nothing but this node's files changes owner.
+    let chown = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir).output();
+    match chown {
+        Ok(output) if output.status.success() => Ok(()),
+        Ok(output) => {
+            let _ = fs::remove_dir_all(dir);
+            Err(format!(
+                "cannot hand {} to user rabbitmq ({}): run the test as root or as user rabbitmq",
+                dir.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(dir);
+            Err(format!("cannot run chown: {e}"))
+        }
+    }
+}
