@@ -135,7 +135,7 @@ def file_module(rel):
     `src/lib.rs` -> ()."""
     parts = rel.split("/")[1:]
     parts[-1] = parts[-1][: -len(".rs")]
-    if parts[-1] in ("mod", "lib") and (len(parts) > 1 or parts[-1] == "lib"):
+    if parts == ["lib"] or (len(parts) > 1 and parts[-1] == "mod"):
         parts = parts[:-1]
     return tuple(parts)
 
