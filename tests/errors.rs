@@ -3,7 +3,9 @@
 
 mod common;
 
+use batchscore::amqp::publisher::{ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, ORIGINAL_QUEUE_HEADER};
 use common::{expected, fixtures_repository, Client, TestWorker};
+use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
@@ -28,95 +30,146 @@ async fn expect_error(
     result
 }
 
+/// Bad jobs sent, each with its error result, to check the dead-lettered copies against.
+#[derive(Default)]
+struct Answered(Vec<(Vec<u8>, Value)>);
+
+impl Answered {
+    /// [`expect_error`], remembering the body and its result.
+    async fn expect_error(
+        &mut self,
+        client: &mut Client,
+        body: &[u8],
+        properties: BasicProperties,
+        code: &str,
+        needle: &str,
+    ) -> Value {
+        let result = expect_error(client, body, properties, code, needle).await;
+        assert!(self.0.iter().all(|(sent, _)| sent != body), "bad job bodies are distinct, so dead letters match one");
+        self.0.push((body.to_vec(), result.clone()));
+        result
+    }
+}
+
+fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(text.into())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_error_code_is_answered_and_the_worker_keeps_scoring() {
     let mut settings = common::settings("errors", &fixtures_repository());
     settings.limits.max_rows_per_job = 100;
     settings.limits.max_job_bytes = 64 * 1024;
     let worker = TestWorker::start(settings).await;
+    let jobs_queue = worker.settings.amqp.jobs_queue.clone();
+    let mut answered = Answered::default();
     let mut client = Client::new(&worker.settings).await;
     let row: Vec<Value> = expected("linear_v1")["rows"][0].as_array().unwrap().clone();
     let short_row = &row[..61];
     let job =
         |id: &str, rows: Value| serde_json::to_vec(&json!({"job_id": id, "model": "linear", "rows": rows})).unwrap();
 
-    expect_error(&mut client, b"{not json", json_properties(), "invalid_json", "").await;
-    expect_error(&mut client, b"[1, 2, 3]", json_properties(), "invalid_json", "must be a JSON object, found an array")
+    let not_json = answered
+        .expect_error(&mut client, b"{not json", json_properties(), "invalid_json", "key must be a string")
         .await;
-    expect_error(&mut client, b"{\"job_id\": \"\xff\xfe\"}", json_properties(), "invalid_json", "not UTF-8").await;
-    let result = expect_error(
-        &mut client,
-        &job("short", json!([row, row, short_row])),
-        json_properties(),
-        "invalid_input",
-        "row 2 has 61 values; model linear expects 62",
-    )
-    .await;
+    assert_eq!(not_json["job_id"], Value::Null, "neither the body nor message_id gives an id");
+    answered
+        .expect_error(
+            &mut client,
+            b"[1, 2, 3]",
+            json_properties(),
+            "invalid_json",
+            "must be a JSON object, found an array",
+        )
+        .await;
+    answered
+        .expect_error(&mut client, b"{\"job_id\": \"\xff\xfe\"}", json_properties(), "invalid_json", "not UTF-8")
+        .await;
+    let result = answered
+        .expect_error(
+            &mut client,
+            &job("short", json!([row, row, short_row])),
+            json_properties(),
+            "invalid_input",
+            "row 2 has 61 values; model linear expects 62",
+        )
+        .await;
     assert_eq!(result["job_id"], "short");
     assert_eq!(result["model"], "linear");
-    expect_error(&mut client, &job("text", json!([["a"]])), json_properties(), "invalid_input", "rows[0][0]").await;
-    expect_error(&mut client, &job("empty", json!([])), json_properties(), "invalid_input", "no rows").await;
-    expect_error(
-        &mut client,
-        &job("huge", json!([[1e39]])),
-        json_properties(),
-        "invalid_input",
-        "outside the float32 range",
-    )
-    .await;
-    expect_error(
-        &mut client,
-        br#"{"model": "linear", "rows": [[1]]}"#,
-        json_properties(),
-        "invalid_input",
-        "no job_id",
-    )
-    .await;
-    expect_error(
-        &mut client,
-        br#"{"job_id": "nomodel", "rows": [[1]]}"#,
-        json_properties(),
-        "invalid_input",
-        "no model",
-    )
-    .await;
-    expect_error(
-        &mut client,
-        &job("ct", json!([row])),
-        BasicProperties::default().with_content_type("text/csv".into()),
-        "invalid_input",
-        "content_type",
-    )
-    .await;
+    answered
+        .expect_error(&mut client, &job("text", json!([["a"]])), json_properties(), "invalid_input", "rows[0][0]")
+        .await;
+    answered.expect_error(&mut client, &job("empty", json!([])), json_properties(), "invalid_input", "no rows").await;
+    answered
+        .expect_error(
+            &mut client,
+            &job("huge", json!([[1e39]])),
+            json_properties(),
+            "invalid_input",
+            "outside the float32 range",
+        )
+        .await;
+    answered
+        .expect_error(
+            &mut client,
+            br#"{"model": "linear", "rows": [[1]]}"#,
+            json_properties(),
+            "invalid_input",
+            "no job_id",
+        )
+        .await;
+    answered
+        .expect_error(
+            &mut client,
+            br#"{"job_id": "nomodel", "rows": [[1]]}"#,
+            json_properties(),
+            "invalid_input",
+            "no model",
+        )
+        .await;
+    answered
+        .expect_error(
+            &mut client,
+            &job("ct", json!([row])),
+            BasicProperties::default().with_content_type("text/csv".into()),
+            "invalid_input",
+            "content_type",
+        )
+        .await;
     let records =
         serde_json::to_vec(&json!({"job_id": "rec", "model": "linear", "records": [{"duration_months": 1}]})).unwrap();
-    expect_error(&mut client, &records, json_properties(), "invalid_input", "records[0] has no value for feature")
+    answered
+        .expect_error(&mut client, &records, json_properties(), "invalid_input", "records[0] has no value for feature")
         .await;
     let unknown = serde_json::to_vec(&json!({"job_id": "u", "model": "fraud", "rows": [row]})).unwrap();
-    let result = expect_error(
-        &mut client,
-        &unknown,
-        json_properties(),
-        "unknown_model",
-        "model \"fraud\" is not in the repository",
-    )
-    .await;
+    let result = answered
+        .expect_error(
+            &mut client,
+            &unknown,
+            json_properties(),
+            "unknown_model",
+            "model \"fraud\" is not in the repository",
+        )
+        .await;
     assert_eq!(result["job_id"], "u");
     let version =
         serde_json::to_vec(&json!({"job_id": "v", "model": "linear", "model_version": "9", "rows": [row]})).unwrap();
-    expect_error(&mut client, &version, json_properties(), "unknown_model", "has no version 9 (available: 1, 2)").await;
+    answered
+        .expect_error(&mut client, &version, json_properties(), "unknown_model", "has no version 9 (available: 1, 2)")
+        .await;
     let many = vec![Value::Array(row.clone()); 101];
-    expect_error(
-        &mut client,
-        &job("many", json!(many)),
-        json_properties(),
-        "too_large",
-        "limit is 100 (limits.max_rows_per_job)",
-    )
-    .await;
+    answered
+        .expect_error(
+            &mut client,
+            &job("many", json!(many)),
+            json_properties(),
+            "too_large",
+            "limit is 100 (limits.max_rows_per_job)",
+        )
+        .await;
     let padding = " ".repeat(70 * 1024);
     let big = format!(r#"{{"job_id": "big", "model": "linear", "rows": [[1]]}}{padding}"#);
-    expect_error(&mut client, big.as_bytes(), json_properties(), "too_large", "limits.max_job_bytes").await;
+    answered.expect_error(&mut client, big.as_bytes(), json_properties(), "too_large", "limits.max_job_bytes").await;
 
     // After all of that, a good job is still scored.
     client.send_raw(&job("good", json!([row])), json_properties()).await;
@@ -124,11 +177,25 @@ async fn each_error_code_is_answered_and_the_worker_keeps_scoring() {
     assert_eq!(result["status"], "ok", "{result}");
     let (left, dead_letters) = worker.stop_with_dead_letters().await;
     assert_eq!(left, 0, "every job, good or bad, was acknowledged");
+    assert_eq!(answered.0.len(), 15);
     assert_eq!(dead_letters.len(), 15, "every bad job was dead-lettered");
+    // Each copy is the job as sent, and its headers say what its result said.
+    let mut unmatched = answered.0;
     for message in &dead_letters {
+        let body = &message.delivery.data;
+        let at = unmatched.iter().position(|(sent, _)| sent == body).unwrap_or_else(|| {
+            panic!("dead letter {:?} is no bad job sent, or a second copy", String::from_utf8_lossy(body))
+        });
+        let (_, result) = unmatched.swap_remove(at);
         let headers = message.delivery.properties.headers().clone().unwrap_or_default();
-        assert!(headers.inner().contains_key("x-error-code") && headers.inner().contains_key("x-error-message"));
+        let header = |name: &str| headers.inner().get(name).cloned();
+        let (code, text) = (result["error"]["code"].as_str(), result["error"]["message"].as_str());
+        assert_eq!(header(ERROR_CODE_HEADER), code.map(long_string), "{result}");
+        assert_eq!(header(ERROR_MESSAGE_HEADER), text.map(long_string), "{result}");
+        assert_eq!(header(ORIGINAL_QUEUE_HEADER), Some(long_string(&jobs_queue)), "{result}");
     }
+    // A body that is not JSON: serde_json's account of the syntax error, behind the worker's prefix.
+    assert_eq!(not_json["error"]["message"], "body is not valid JSON: key must be a string at line 1 column 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

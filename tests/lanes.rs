@@ -4,7 +4,7 @@
 mod common;
 
 use batchscore::amqp::publisher::ORIGINAL_QUEUE_HEADER;
-use common::{assert_close, expected, expected_slice, fixtures_repository, Client, TestWorker};
+use common::{assert_close, expected, expected_slice, fixtures_repository, get, sample, Client, TestWorker};
 use lapin::types::AMQPValue;
 use serde_json::json;
 
@@ -53,21 +53,33 @@ async fn both_lanes_score_and_bad_bulk_jobs_name_their_queue() {
 }
 
 /// With room for 10 rows in flight, every job of 12 rows spends a lane's budget on its own: the
-/// consumer pauses after each and resumes when it is answered; all jobs are still scored.
+/// consumer pauses after taking one and resumes when that one is answered, so a lane never holds
+/// two jobs at once, although 13 wait in each queue from the start. Seen from outside: no ONNX
+/// Runtime run carries rows of two jobs (a batch takes rows of one lane only). All jobs are still
+/// scored. The model is served under a name of its own, so the batch metrics are this test's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_row_budget_pauses_a_lane_without_stalling_it() {
+    let repository = common::private_repository("paced", "linear", 1);
     let mut settings = with_bulk_lane("budget");
+    settings.models.repository = repository.clone();
     settings.limits.max_inflight_rows = 10;
-    let worker = TestWorker::start(settings.clone()).await;
+    // The bulk lane also holds back while online jobs arrive; off, only the budget paces it.
+    settings.amqp.bulk_yield_ms = 0;
+    // Queued before the worker starts: without the pause, the consumer would take many of them at
+    // once and the batcher would put several in one run.
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    batchscore::amqp::declare_topology(&channel, &settings.amqp).await.expect("topology");
     let mut online = Client::new(&settings).await;
     let mut bulk = bulk_client(&settings).await;
     let fixture = expected("linear_v1");
     for i in 0..13 {
         let rows = &fixture["rows"].as_array().expect("rows")[i * 4..i * 4 + 12];
-        let job = json!({"job_id": format!("j{i}"), "model": "linear", "model_version": "1", "rows": rows});
+        let job = json!({"job_id": format!("j{i}"), "model": "paced", "model_version": "1", "rows": rows});
         online.send(&job).await;
         bulk.send(&job).await;
     }
+    let worker = TestWorker::start(settings.clone()).await;
     for (client, lane) in [(&mut online, "online"), (&mut bulk, "bulk")] {
         for (result, _) in client.results(13).await {
             let i: usize = result["job_id"].as_str().and_then(|id| id[1..].parse().ok()).expect("job id");
@@ -75,5 +87,14 @@ async fn a_spent_row_budget_pauses_a_lane_without_stalling_it() {
             assert_close(&result["outputs"], &expected_slice(&fixture["outputs"], i * 4..i * 4 + 12), lane);
         }
     }
+    // Every run is recorded before its rows reach the result stage, so all are counted by now.
+    let (_, scrape) = get(worker.metrics, "/metrics").expect("scrape");
+    let paced = [("model", "paced"), ("version", "1")];
+    let runs = sample(&scrape, "batchscore_batch_jobs_count", &paced);
+    assert!(runs >= 26.0, "at least one run per job, {runs} counted\n{scrape}");
+    let single = sample(&scrape, "batchscore_batch_jobs_bucket", &[("model", "paced"), ("le", "1")]);
+    assert_eq!(single, runs, "runs carrying rows of more than one job: the lane took a job past its budget");
+    assert_eq!(sample(&scrape, "batchscore_batch_rows_sum", &paced), 26.0 * 12.0, "every row scored once");
     assert_eq!(worker.stop().await, 0);
+    let _ = std::fs::remove_dir_all(&repository);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, expected, expected_slice, fixtures_repository, root, Client, TestWorker};
+use common::{assert_close, expected, expected_slice, fixtures_repository, get, root, sample, Client, TestWorker};
 use serde_json::{json, Value};
 use sha2::Digest;
 
@@ -140,20 +140,40 @@ async fn concurrent_jobs_keep_their_rows_and_order() {
     assert_eq!(worker.stop().await, 0);
 }
 
+/// 64 rows in batches of at most 10: six full runs and a last one of 4, each carrying a part of
+/// the one job, whose result still has every row in order. The model is served under a name of its
+/// own, so the batch metrics read here count this test's runs only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_larger_than_a_batch_is_split_and_reassembled_in_order() {
-    let mut settings = common::settings("split", &fixtures_repository());
+    let repository = common::private_repository("split", "linear", 1);
+    let mut settings = common::settings("split", &repository);
     settings.batching.max_batch_rows = 10;
     let worker = TestWorker::start(settings).await;
     let mut client = Client::new(&worker.settings).await;
     let fixture = expected("linear_v1");
-    // 64 rows in batches of 10: seven runs, the last one partial.
-    client.send(&json!({"job_id": "big", "model": "linear", "model_version": "1", "rows": fixture["rows"]})).await;
+    client.send(&json!({"job_id": "big", "model": "split", "model_version": "1", "rows": fixture["rows"]})).await;
     let result = client.result().await;
     assert_eq!(result["status"], "ok", "{result}");
     assert_eq!(result["rows"], 64);
     assert_close(&result["outputs"], &fixture["outputs"], "outputs");
+
+    // Every run is recorded before its rows reach the result stage, so all are counted by now.
+    let (_, scrape) = get(worker.metrics, "/metrics").expect("scrape");
+    let split = [("model", "split"), ("version", "1")];
+    let runs = sample(&scrape, "batchscore_batch_rows_count", &split);
+    assert_eq!(runs, 7.0, "64 rows in runs of at most 10\n{scrape}");
+    assert_eq!(sample(&scrape, "batchscore_batches_total", &split), 7.0);
+    assert_eq!(sample(&scrape, "batchscore_batch_rows_sum", &split), 64.0, "every row scored once");
+    assert_eq!(
+        sample(&scrape, "batchscore_batch_rows_bucket", &[("model", "split"), ("le", "8")]),
+        1.0,
+        "one short run"
+    );
+    assert_eq!(sample(&scrape, "batchscore_batch_rows_bucket", &[("model", "split"), ("le", "16")]), 7.0);
+    assert_eq!(sample(&scrape, "batchscore_batch_jobs_sum", &split), 7.0, "each run carries a part of the job");
+    assert_eq!(sample(&scrape, "batchscore_batch_wait_seconds_count", &[("model", "split")]), 1.0, "one job");
     assert_eq!(worker.stop().await, 0);
+    let _ = std::fs::remove_dir_all(&repository);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

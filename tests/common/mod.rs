@@ -39,6 +39,20 @@ pub fn fixtures_repository() -> PathBuf {
     root().join("tests/fixtures/models")
 }
 
+/// A repository of its own in the temporary directory, holding version `version` of fixture model
+/// `model` (file and config.yaml) under the name `name`. The metrics recorder is shared by every
+/// test of a binary; series labelled `model="<name>"` come from the one test that uses `name`.
+/// Remove it with `std::fs::remove_dir_all` when done.
+pub fn private_repository(name: &str, model: &str, version: u64) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("batchscore-{name}-{}", uuid::Uuid::new_v4().simple()));
+    let folder = root.join(name).join(version.to_string());
+    std::fs::create_dir_all(&folder).expect("private repository");
+    let fixture = fixtures_repository().join(model);
+    std::fs::copy(fixture.join("config.yaml"), root.join(name).join("config.yaml")).expect("fixture config");
+    std::fs::copy(fixture.join(format!("{version}/model.onnx")), folder.join("model.onnx")).expect("fixture model");
+    root
+}
+
 /// `tests/fixtures/expected/<name>.json`.
 pub fn expected(name: &str) -> Value {
     let path = root().join(format!("tests/fixtures/expected/{name}.json"));
