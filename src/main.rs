@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use batchscore::amqp::AmqpError;
 use batchscore::engine::runtime::RuntimeError;
 use batchscore::settings::Settings;
 use batchscore::submit::SubmitArgs;
@@ -72,7 +73,8 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("batchscore: {error:#}");
             let setup = error.downcast_ref::<RuntimeError>().is_some()
-                || matches!(error.downcast_ref::<StartError>(), Some(StartError::Runtime(_)));
+                || matches!(error.downcast_ref::<StartError>(), Some(StartError::Runtime(_)))
+                || error.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal);
             ExitCode::from(if setup { EXIT_SETUP } else { 1 })
         }
     }
@@ -82,7 +84,7 @@ async fn run_worker(settings: Settings) -> anyhow::Result<()> {
     let worker = Worker::start(settings).await?;
     let shutdown = CancellationToken::new();
     worker::cancel_on_signal(shutdown.clone());
-    worker.run(shutdown).await;
+    worker.run(shutdown).await?;
     tracing::info!("worker stopped");
     Ok(())
 }

@@ -29,32 +29,36 @@ pub enum WorkerError {
     Ended,
 }
 
-/// Runs until `shutdown` fires, reconnecting whenever the broker connection is lost. Jobs are
-/// scored by the versions of the latest `repository` snapshot.
+/// Runs until `shutdown` fires, reconnecting whenever the broker connection is lost or a stage
+/// fails. Jobs are scored by the versions of the latest `repository` snapshot. Returns an error
+/// only when the broker refuses the worker's credentials or vhost before it ever connected: the
+/// settings must change, so retrying would only hide the problem.
 pub async fn run(
     settings: &Settings,
     repository: watch::Receiver<Arc<Repository>>,
     health: Health,
     shutdown: CancellationToken,
-) {
+) -> Result<(), AmqpError> {
     let max_backoff = Duration::from_millis(settings.amqp.reconnect_max_backoff_ms.max(100));
     let mut backoff = Duration::from_millis(100);
+    let mut ever_connected = false;
     loop {
         let started = Instant::now();
-        let outcome = serve(settings, repository.clone(), &health, &shutdown).await;
+        let outcome = serve(settings, repository.clone(), &health, &shutdown, &mut ever_connected).await;
         health.set_broker_connected(false);
-        match outcome {
-            Ok(()) if shutdown.is_cancelled() => return,
-            Ok(()) => tracing::warn!("broker session ended; reconnecting"),
-            Err(error) => tracing::error!(%error, "broker session failed; reconnecting"),
-        }
+        let error = match outcome {
+            Ok(()) => return Ok(()),
+            Err(WorkerError::Amqp(error)) if error.is_refusal() && !ever_connected => return Err(error),
+            Err(error) => error,
+        };
         if started.elapsed() > max_backoff {
             backoff = Duration::from_millis(100);
         }
         let pause = with_jitter(backoff);
+        tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "no broker session; retrying");
         telemetry::record_reconnect();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(pause) => {}
         }
         backoff = (backoff * 2).min(max_backoff);
@@ -68,8 +72,10 @@ async fn serve(
     repository: watch::Receiver<Arc<Repository>>,
     health: &Health,
     shutdown: &CancellationToken,
+    ever_connected: &mut bool,
 ) -> Result<(), WorkerError> {
     let connection = amqp::connect(&settings.amqp).await?;
+    *ever_connected = true;
     let consume_channel = amqp::consumer_channel(&connection, settings.amqp.prefetch).await?;
     amqp::declare_topology(&consume_channel, &settings.amqp).await?;
     let publish_channel = amqp::confirming_channel(&connection).await?;
@@ -82,6 +88,9 @@ async fn serve(
     // The stages hold the spawner they need; this one would keep the pipeline from ending.
     drop(stages);
     let outcome = supervise(watch, shutdown, Duration::from_millis(settings.shutdown.timeout_ms)).await;
+    if let Err(error) = &outcome {
+        tracing::error!(%error, "tearing the pipeline down; unacknowledged jobs return to the queue");
+    }
     health.set_broker_connected(false);
     if outcome.is_ok() {
         // A quorum queue applies acknowledgements asynchronously, and may handle the consumer's

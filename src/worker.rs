@@ -8,6 +8,7 @@ use ort::environment::Environment;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::AmqpError;
 use crate::engine::runtime::{self, RuntimeError};
 use crate::engine::{repository::RepositoryError, Repository};
 use crate::settings::Settings;
@@ -60,12 +61,14 @@ impl Worker {
         &self.repository
     }
 
-    /// Consumes until `shutdown` fires and in-flight jobs are drained.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Consumes until `shutdown` fires and in-flight jobs are drained. Fails only when the broker
+    /// refuses the credentials or vhost at start-up.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AmqpError> {
         let (snapshots, repository) = watch::channel(self.repository);
         let reloads = tokio::spawn(reload::run(self.env, self.settings.clone(), snapshots, shutdown.clone()));
-        pipeline::run(&self.settings, repository, self.health, shutdown).await;
+        let outcome = pipeline::run(&self.settings, repository, self.health, shutdown).await;
         reloads.abort();
+        outcome
     }
 }
 

@@ -14,6 +14,11 @@ use crate::settings::AmqpSettings;
 pub enum AmqpError {
     #[error("cannot connect to RabbitMQ at {url}: {source}")]
     Connect { url: String, source: lapin::Error },
+    #[error(
+        "RabbitMQ at {host}:{port} refused user {user:?} on vhost {vhost:?}: {reason}; check the user, password and \
+         vhost in amqp.url (or BATCHSCORE__AMQP__URL), and the user's permissions on the vhost"
+    )]
+    Refused { user: String, host: String, port: u16, vhost: String, reason: String },
     #[error("{queue}: {source} (if it exists with other arguments, e.g. as a classic queue, delete it or set amqp.declare_queues: false)")]
     Queue { queue: String, source: lapin::Error },
     #[error("the broker did not confirm a result within {0} ms (amqp.confirm_timeout_ms)")]
@@ -49,12 +54,40 @@ pub fn model_header(properties: &BasicProperties) -> Option<&str> {
     Some(model).filter(|m| !m.is_empty())
 }
 
+impl AmqpError {
+    /// True when the broker answered and refused the credentials or the vhost: retrying the same
+    /// settings cannot succeed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, AmqpError::Refused { .. })
+    }
+}
+
 /// Opens a connection; the URL's password is not echoed in errors.
 pub async fn connect(settings: &AmqpSettings) -> Result<Connection, AmqpError> {
     let properties = ConnectionProperties::default().with_connection_name(settings.connection_name.as_str().into());
-    Connection::connect(&settings.url, properties)
-        .await
-        .map_err(|source| AmqpError::Connect { url: redact(&settings.url), source })
+    Connection::connect(&settings.url, properties).await.map_err(|source| match refusal(&source) {
+        Some(reason) => refused(&settings.url, reason),
+        None => AmqpError::Connect { url: redact(&settings.url), source },
+    })
+}
+
+/// The broker's reason when it refused the login (403 ACCESS_REFUSED) or the vhost (530
+/// NOT_ALLOWED).
+fn refusal(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 530) => {
+            Some(amqp.get_message().to_string())
+        }
+        _ => None,
+    }
+}
+
+fn refused(url: &str, reason: String) -> AmqpError {
+    let (user, host, port, vhost) = match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => (uri.authority.userinfo.username, uri.authority.host, uri.authority.port, uri.vhost),
+        Err(_) => (String::new(), redact(url), 0, String::new()),
+    };
+    AmqpError::Refused { user, host, port, vhost, reason }
 }
 
 /// Declares (or, with `declare_queues: false`, checks) the topology: the jobs queue (quorum, with a

@@ -80,7 +80,7 @@ pub struct TestWorker {
     pub settings: Settings,
     pub metrics: SocketAddr,
     shutdown: CancellationToken,
-    handle: JoinHandle<()>,
+    handle: JoinHandle<Result<(), batchscore::amqp::AmqpError>>,
 }
 
 impl TestWorker {
@@ -106,7 +106,8 @@ impl TestWorker {
         tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("worker stops in time")
-            .expect("worker task");
+            .expect("worker task")
+            .expect("the broker took the worker's credentials");
         tokio::time::timeout(BROKER_PATIENCE, Self::leftovers(&self.settings))
             .await
             .expect("the broker answers in time")
