@@ -47,6 +47,9 @@ const LATENCY_BUCKETS: &[f64] =
 const SIZE_BUCKETS: &[f64] =
     &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
 
+/// How often the recorder's upkeep folds recorded histogram samples into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Installs the log subscriber once per process; later calls are no-ops.
 pub fn init_logging(settings: &LoggingSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -60,7 +63,11 @@ pub fn init_logging(settings: &LoggingSettings) {
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use together with its upkeep.
+///
+/// The recorder keeps every histogram sample until something drains them into the buckets; a
+/// scrape does, and so does the upkeep started here every [`UPKEEP_INTERVAL`], so memory stays
+/// flat however long nothing scrapes (`install_recorder` leaves the upkeep to its caller).
 pub fn recorder() -> &'static PrometheusHandle {
     RECORDER.get_or_init(|| {
         let handle = PrometheusBuilder::new()
@@ -71,8 +78,25 @@ pub fn recorder() -> &'static PrometheusHandle {
             // Invariant: the bucket lists are non-empty constants and this is the only recorder.
             .expect("Prometheus recorder installs once");
         describe();
+        start_upkeep(handle.clone());
         handle
     })
+}
+
+/// Runs the recorder's upkeep on its own thread for the life of the process.
+///
+/// A thread rather than a tokio task: the recorder is installed wherever metrics are first
+/// needed, inside or outside a runtime, and the upkeep must outlive any one runtime. It holds no
+/// resource that needs releasing, so nothing joins it; process exit ends it.
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(UPKEEP_INTERVAL);
+        handle.run_upkeep();
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the metrics upkeep thread; histogram samples are only released by \
+            scrapes of /metrics, so scrape regularly or free memory and threads for the worker");
+    }
 }
 
 fn describe() {
