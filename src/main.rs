@@ -4,14 +4,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use batchscore::amqp::AmqpError;
+use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
-use batchscore::settings::Settings;
+use batchscore::settings::{Settings, SettingsError};
 use batchscore::submit::SubmitArgs;
 use batchscore::worker::{self, StartError, Worker};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for set-up problems a person must fix (settings, ONNX Runtime library).
+/// Exit code for set-up problems a person must fix before anything can run: settings, the ONNX
+/// Runtime library, the model repository (including an execution provider that cannot be
+/// registered), the metrics listener, and a broker that refuses the credentials or vhost. Failures
+/// during a run exit 1.
 const EXIT_SETUP: u8 = 2;
 
 #[derive(Parser)]
@@ -46,11 +50,17 @@ fn main() -> ExitCode {
     let settings = match Settings::load(&cli.config, required) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("batchscore: {error}");
+            eprintln!("batchscore: {}", report(&anyhow::Error::from(error)));
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    batchscore::telemetry::init_logging(&settings.logging);
+    match cli.command {
+        Command::Worker => batchscore::telemetry::init_logging(&settings.logging),
+        // Their output is the answer; the worker's progress lines would only bury it.
+        Command::Submit(_) | Command::Models | Command::Inspect { .. } => {
+            batchscore::telemetry::init_client_logging(&settings.logging)
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -71,13 +81,37 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("batchscore: {error:#}");
-            let setup = error.downcast_ref::<RuntimeError>().is_some()
-                || matches!(error.downcast_ref::<StartError>(), Some(StartError::Runtime(_)))
-                || error.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal);
-            ExitCode::from(if setup { EXIT_SETUP } else { 1 })
+            eprintln!("batchscore: {}", report(&error));
+            ExitCode::from(if is_setup_error(&error) { EXIT_SETUP } else { 1 })
         }
     }
+}
+
+/// The error and its causes on one line, each said once: a cause whose text the message before
+/// it already contains (an error that prints its source and also returns it from `source()`) is
+/// skipped.
+fn report(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// Whether the error is one a person must fix before the command can work (exit 2), as opposed
+/// to a failure while running (exit 1).
+fn is_setup_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<StartError>()
+            || cause.is::<RuntimeError>()
+            || cause.is::<RepositoryError>()
+            || cause.is::<SettingsError>()
+            || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
+    })
 }
 
 async fn run_worker(settings: Settings) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! Telemetry in one place: logging set-up, every metric name with its help text and buckets,
 //! and the HTTP listener for `/metrics`, `/healthz` and `/readyz`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -44,12 +45,32 @@ const LATENCY_BUCKETS: &[f64] =
 const SIZE_BUCKETS: &[f64] =
     &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
 
-/// Installs the log subscriber once per process; later calls are no-ops.
+/// Filter of the client commands (`submit`, `models`, `inspect`) when `RUST_LOG` is unset.
+pub const CLIENT_LOG_LEVEL: &str = "warn";
+
+/// How often the recorder's upkeep folds recorded histogram samples into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Installs the worker's log subscriber (filter `logging.level`, or `RUST_LOG` when set) once
+/// per process; later calls are no-ops.
 pub fn init_logging(settings: &LoggingSettings) {
+    install_logging(settings.format, &settings.level);
+}
+
+/// Installs the log subscriber of a client command: warnings and errors only, so the command's
+/// output is not buried under progress lines; `RUST_LOG` still wins.
+pub fn init_client_logging(settings: &LoggingSettings) {
+    install_logging(settings.format, CLIENT_LOG_LEVEL);
+}
+
+fn install_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match settings.format {
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Colour codes only for a person watching a terminal: in a file, a pipe or a log collector
+    // they are noise that breaks grep and JSON parsers.
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
@@ -57,7 +78,11 @@ pub fn init_logging(settings: &LoggingSettings) {
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use together with its upkeep.
+///
+/// The recorder keeps every histogram sample until something drains them into the buckets; a
+/// scrape does, and so does the upkeep started here every [`UPKEEP_INTERVAL`], so memory stays
+/// flat however long nothing scrapes (`install_recorder` leaves the upkeep to its caller).
 pub fn recorder() -> &'static PrometheusHandle {
     RECORDER.get_or_init(|| {
         let handle = PrometheusBuilder::new()
@@ -68,8 +93,25 @@ pub fn recorder() -> &'static PrometheusHandle {
             // Invariant: the bucket lists are non-empty constants and this is the only recorder.
             .expect("Prometheus recorder installs once");
         describe();
+        start_upkeep(handle.clone());
         handle
     })
+}
+
+/// Runs the recorder's upkeep on its own thread for the life of the process.
+///
+/// A thread rather than a tokio task: the recorder is installed wherever metrics are first
+/// needed, inside or outside a runtime, and the upkeep must outlive any one runtime. It holds no
+/// resource that needs releasing, so nothing joins it; process exit ends it.
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(UPKEEP_INTERVAL);
+        handle.run_upkeep();
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the metrics upkeep thread; histogram samples are only released by \
+            scrapes of /metrics, so scrape regularly or free memory and threads for the worker");
+    }
 }
 
 fn describe() {

@@ -15,14 +15,24 @@ use crate::settings::Settings;
 use crate::telemetry::{self, Health};
 use crate::{pipeline, reload};
 
+/// Why a worker did not start. Every variant is a set-up problem a person must fix (the command
+/// line exits 2), and each message names the setting involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Repository(#[from] RepositoryError),
-    #[error("cannot listen on {addr} (metrics.listen): {source}")]
-    Metrics { addr: SocketAddr, source: std::io::Error },
+    /// `metrics.listen` is not `host:port` (settings that were validated never get here).
+    #[error("metrics.listen {listen:?} is not host:port; set metrics.listen / BATCHSCORE__METRICS__LISTEN to e.g. 0.0.0.0:9464")]
+    MetricsAddress { listen: String },
+    /// The message already carries the socket error, so the error is not also exposed as
+    /// `source()`: printers that walk the chain (anyhow's `{:#}`) would print it twice.
+    #[error(
+        "cannot listen on {addr} (metrics.listen): {error}; \
+         free the port or set metrics.listen / BATCHSCORE__METRICS__LISTEN to another host:port"
+    )]
+    Metrics { addr: SocketAddr, error: std::io::Error },
 }
 
 /// A worker whose models are loaded and whose endpoints are up, ready to consume.
@@ -47,12 +57,11 @@ impl Worker {
                 .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?
         };
         let health = Health::default();
-        let addr = settings.metrics_addr().map_err(|_| StartError::Metrics {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source: std::io::Error::other("metrics.listen is not host:port"),
-        })?;
+        let addr = settings
+            .metrics_addr()
+            .map_err(|_| StartError::MetricsAddress { listen: settings.metrics.listen.clone() })?;
         let metrics_addr =
-            telemetry::serve(addr, health.clone()).await.map_err(|source| StartError::Metrics { addr, source })?;
+            telemetry::serve(addr, health.clone()).await.map_err(|error| StartError::Metrics { addr, error })?;
         tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
         Ok(Self { settings, env, repository: Arc::new(repository), health, metrics_addr })
     }

@@ -1,19 +1,80 @@
-//! The `batchscore` binary as a user runs it: set-up errors, `inspect`, and `submit` through a
-//! worker on the real broker.
+//! The `batchscore` binary as a user runs it: set-up errors and their exit codes, logs written
+//! to pipes, `inspect`, `models`, and `submit` through a worker on the real broker.
 
 mod common;
 
-use std::process::{Command, Output};
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{expected, fixtures_repository, TestWorker};
 
-fn batchscore(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// Longest a `worker` that is expected to refuse start-up may run: loading the fixture models
+/// takes a few seconds on a busy machine.
+const START_UP_PATIENCE: Duration = Duration::from_secs(120);
+
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_batchscore"));
-    command.args(args).current_dir(common::root()).env_remove("ORT_DYLIB_PATH");
+    // RUST_LOG of the person running the tests would change what the commands log.
+    command.args(args).current_dir(common::root()).env_remove("ORT_DYLIB_PATH").env_remove("RUST_LOG");
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().expect("batchscore runs")
+    command
+}
+
+fn batchscore(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(args, env).output().expect("batchscore runs")
+}
+
+/// Runs `batchscore worker` expecting it to exit on its own; one that is still running after
+/// [`START_UP_PATIENCE`] is killed and fails the test. It never reaches the shared broker: its
+/// AMQP URL points at a closed port and its queue names are unique.
+fn worker_expected_to_exit(env: &[(&str, &str)]) -> Output {
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("test.cli.{}.jobs", &unique[..8]);
+    let repository = fixtures_repository();
+    let mut full_env = vec![
+        ("BATCHSCORE__AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ("BATCHSCORE__AMQP__JOBS_QUEUE", queue.as_str()),
+        ("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().expect("UTF-8 path")),
+        ("BATCHSCORE__MODELS__POLL_INTERVAL_MS", "0"),
+        ("BATCHSCORE__METRICS__LISTEN", "127.0.0.1:0"),
+    ];
+    full_env.extend_from_slice(env);
+    let mut child = command(&["worker"], &full_env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("batchscore worker starts");
+    // Read both pipes while waiting, so a chatty worker cannot block on a full pipe.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr piped")));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("worker status") {
+            break status;
+        }
+        if started.elapsed() > START_UP_PATIENCE {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&stderr.join().expect("stderr read")).into_owned();
+            panic!(
+                "the worker was still running after {START_UP_PATIENCE:?}; it should have refused to start:\n{stderr}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: stdout.join().expect("stdout read"), stderr: stderr.join().expect("stderr read") }
 }
 
 fn stderr(output: &Output) -> String {
@@ -54,6 +115,82 @@ fn invalid_setting_exits_2_naming_the_key() {
     );
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("batching.max_batch_rows"), "{}", stderr(&output));
+}
+
+#[test]
+fn metrics_port_in_use_exits_2_naming_the_setting_once() {
+    // Held until the worker has exited: its port is the one the worker must fail to bind.
+    let holder = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = holder.local_addr().expect("bound address").to_string();
+    let output = worker_expected_to_exit(&[("BATCHSCORE__METRICS__LISTEN", addr.as_str())]);
+    drop(holder);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert_eq!(message.matches(&format!("cannot listen on {addr}")).count(), 1, "said once:\n{message}");
+    assert_eq!(message.matches("in use").count(), 1, "the cause said once:\n{message}");
+    let line = message.lines().find(|l| l.contains("cannot listen on")).expect("the message line");
+    assert!(line.starts_with("batchscore: "), "{line}");
+    for key in ["metrics.listen", "BATCHSCORE__METRICS__LISTEN"] {
+        assert!(line.contains(key), "{key} missing from: {line}");
+    }
+    assert!(!message.contains("panicked"), "{message}");
+    // The worker logs while loading models; written to a pipe, those lines carry no colour codes.
+    assert!(message.contains("model loaded"), "the worker logged its start-up:\n{message}");
+    assert!(!message.contains("\x1b["), "no ANSI escape codes in piped logs:\n{message:?}");
+}
+
+/// The CPU build of ONNX Runtime has no CUDA provider: with `on_provider_unavailable: fail`
+/// neither the worker nor `models` can load the repository.
+#[test]
+fn unavailable_cuda_exits_2_with_one_message() {
+    let cuda = [
+        ("BATCHSCORE__INFERENCE__EXECUTION_PROVIDER", "cuda"),
+        ("BATCHSCORE__INFERENCE__ON_PROVIDER_UNAVAILABLE", "fail"),
+    ];
+    let output = worker_expected_to_exit(&cuda);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert_eq!(message.matches("CUDA execution provider is unavailable").count(), 1, "said once:\n{message}");
+    assert!(message.contains("inference.on_provider_unavailable: cpu"), "names the alternative: {message}");
+
+    let repository = fixtures_repository();
+    let mut env = cuda.to_vec();
+    env.push(("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().expect("UTF-8 path")));
+    let output = batchscore(&["models"], &env);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert_eq!(message.matches("CUDA execution provider is unavailable").count(), 1, "said once:\n{message}");
+}
+
+#[test]
+fn client_commands_print_their_output_without_info_logs() {
+    let repository = fixtures_repository();
+    let env = [("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().expect("UTF-8 path"))];
+    for args in [&["models"][..], &["inspect", "tests/fixtures/models/trees/1/model.onnx"]] {
+        let output = batchscore(args, &env);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), stderr(&output));
+        assert!(!stdout.is_empty(), "{args:?} printed its output");
+        // Matched without the spaces around it: with colour codes, "INFO" sits between escapes.
+        for (stream, text) in [("stdout", &*stdout), ("stderr", &*stderr)] {
+            assert!(!text.contains("INFO"), "{args:?} logged INFO lines to {stream}:\n{text}");
+        }
+        assert!(!stderr.contains("model loaded"), "{args:?} logged the repository's progress:\n{stderr}");
+    }
+}
+
+#[test]
+fn piped_logs_carry_no_colour_codes() {
+    let repository = fixtures_repository();
+    let env = [("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().expect("UTF-8 path")), ("RUST_LOG", "info")];
+    let output = batchscore(&["models"], &env);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let logs = stderr(&output);
+    // RUST_LOG wins over the client commands' default, so there are log lines to check.
+    assert!(logs.lines().any(|l| l.contains(" INFO ") && l.contains("model loaded")), "no INFO lines:\n{logs}");
+    for (stream, bytes) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+        assert!(!bytes.windows(2).any(|w| w == b"\x1b["), "ANSI escape codes in {stream}: {logs:?}");
+    }
 }
 
 #[test]
