@@ -27,7 +27,7 @@ import urllib.request
 # ---------------------------------------------------------------------------------------------
 # The documented metric list (docs/OBSERVABILITY.md). Each entry: type, label names, and whether
 # the series must exist after the check's traffic (good jobs; a non-JSON job, a job with the
-# wrong number of features and one for an unknown model). Counters of rare events (reconnects, load failures) appear only once
+# wrong number of features and one for an unknown model). Counters of rare events (reconnects, stage failures, load failures) appear only once
 # the event happened, so they may be absent; when present their labels are still checked.
 METRICS = {
     "batchscore_jobs_received_total": ("counter", {"model", "lane"}, True),
@@ -36,6 +36,7 @@ METRICS = {
     "batchscore_rows_scored_total": ("counter", {"model"}, True),
     "batchscore_batches_total": ("counter", {"model", "version", "reason"}, True),
     "batchscore_broker_reconnects_total": ("counter", set(), False),
+    "batchscore_stage_failures_total": ("counter", {"stage"}, False),
     "batchscore_dead_lettered_total": ("counter", {"code"}, True),
     "batchscore_model_load_failures_total": ("counter", {"model"}, False),
     "batchscore_job_duration_seconds": ("histogram", {"model", "lane"}, True),
@@ -58,6 +59,7 @@ LABEL_VALUES = {
     "status": {"ok", "error", "expired"},
     "code": {"invalid_json", "invalid_input", "unknown_model", "too_large", "internal", "expired"},
     "reason": {"idle", "size", "delay", "drain"},
+    "stage": {"consumer", "batcher", "inference", "result", "publisher"},
 }
 
 # Model name of the check's unknown_model job.

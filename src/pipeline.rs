@@ -143,7 +143,10 @@ async fn supervise(mut watch: Watch, shutdown: &CancellationToken, drain_timeout
         ended = watch.ended() => match ended {
             Ok(()) if shutdown.is_cancelled() => Ok(()),
             Ok(()) => Err(WorkerError::Ended),
-            Err(failure) => Err(failure.into()),
+            Err(failure) => {
+                telemetry::record_stage_failure(failure.stage);
+                Err(failure.into())
+            }
         },
         () = drain_deadline => {
             tracing::warn!(

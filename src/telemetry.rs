@@ -20,6 +20,7 @@ pub const JOB_ERRORS: &str = "batchscore_job_errors_total";
 pub const ROWS_SCORED: &str = "batchscore_rows_scored_total";
 pub const BATCHES: &str = "batchscore_batches_total";
 pub const BROKER_RECONNECTS: &str = "batchscore_broker_reconnects_total";
+pub const STAGE_FAILURES: &str = "batchscore_stage_failures_total";
 pub const DEAD_LETTERED: &str = "batchscore_dead_lettered_total";
 pub const MODEL_LOAD_FAILURES: &str = "batchscore_model_load_failures_total";
 pub const JOB_DURATION: &str = "batchscore_job_duration_seconds";
@@ -65,7 +66,7 @@ pub fn init_client_logging(settings: &LoggingSettings) {
 
 fn install_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(with_quiet_transport(default_filter)));
     // Colour codes only for a person watching a terminal: in a file, a pipe or a log collector
     // they are noise that breaks grep and JSON parsers.
     let ansi = std::io::stderr().is_terminal();
@@ -74,6 +75,19 @@ fn install_logging(format: LogFormat, default_filter: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// `filter` with the AMQP client's own log lines off, unless it names them. lapin logs an
+/// ordinary disconnect as an ERROR of its own; the worker reports every broker problem itself,
+/// once, with what it does next (retry in how long, or exit), so lapin's lines would only be
+/// misleading duplicates. `RUST_LOG=lapin=debug` (or a `lapin` directive in `logging.level`)
+/// shows them.
+fn with_quiet_transport(filter: &str) -> String {
+    if filter.contains("lapin") {
+        filter.to_string()
+    } else {
+        format!("{filter},lapin=off")
+    }
 }
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -121,6 +135,10 @@ fn describe() {
     describe_counter!(ROWS_SCORED, Unit::Count, "Rows scored, by model.");
     describe_counter!(BATCHES, "ONNX Runtime runs, by model, version and the reason the batch closed.");
     describe_counter!(BROKER_RECONNECTS, "Reconnections to RabbitMQ after a lost connection.");
+    describe_counter!(
+        STAGE_FAILURES,
+        "Pipeline stages that failed or panicked, by stage; each tears the pipeline down and rebuilds it."
+    );
     describe_counter!(DEAD_LETTERED, "Jobs copied to the dead-letter exchange, by error code.");
     describe_counter!(MODEL_LOAD_FAILURES, "Model versions that could not be loaded, by model.");
     describe_histogram!(
@@ -227,6 +245,11 @@ pub fn record_dead_lettered(code: &'static str) {
 
 pub fn record_publish(duration: Duration) {
     histogram!(PUBLISH_DURATION).record(duration.as_secs_f64());
+}
+
+/// A stage of the pipeline failed or panicked; `stage` is one of a fixed few names.
+pub fn record_stage_failure(stage: &'static str) {
+    counter!(STAGE_FAILURES, "stage" => stage).increment(1);
 }
 
 pub fn record_reconnect() {

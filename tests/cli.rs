@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -115,6 +115,81 @@ fn invalid_setting_exits_2_naming_the_key() {
     );
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("batching.max_batch_rows"), "{}", stderr(&output));
+}
+
+#[test]
+fn a_refused_password_exits_2_naming_user_host_and_vhost_but_not_the_password() {
+    let output =
+        worker_expected_to_exit(&[("BATCHSCORE__AMQP__URL", "amqp://guest:Not-The-Password@127.0.0.1:5672/%2f")]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    for needle in ["refused user \"guest\"", "127.0.0.1:5672", "vhost \"/\"", "ACCESS_REFUSED", "BATCHSCORE__AMQP__URL"]
+    {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    assert!(!text.contains("Not-The-Password"), "the password leaked:\n{text}");
+    assert_eq!(text.matches("refused user").count(), 1, "said once:\n{text}");
+}
+
+#[test]
+fn an_unknown_vhost_exits_2_naming_it() {
+    let output =
+        worker_expected_to_exit(&[("BATCHSCORE__AMQP__URL", "amqp://guest:guest@127.0.0.1:5672/no-such-vhost")]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("vhost \"no-such-vhost\"") && text.contains("NOT_ALLOWED"), "{text}");
+}
+
+#[test]
+fn an_unreachable_broker_is_retried_with_one_line_per_attempt() {
+    let repository = fixtures_repository();
+    let mut child = command(
+        &["worker"],
+        &[
+            ("BATCHSCORE__AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+            ("BATCHSCORE__AMQP__RECONNECT_MAX_BACKOFF_MS", "200"),
+            ("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().expect("UTF-8 path")),
+            ("BATCHSCORE__MODELS__POLL_INTERVAL_MS", "0"),
+            ("BATCHSCORE__METRICS__LISTEN", "127.0.0.1:0"),
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("batchscore worker starts");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + START_UP_PATIENCE;
+    let mut seen = Vec::new();
+    let mut attempts = 0;
+    while attempts < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("fewer than 3 retry lines within {START_UP_PATIENCE:?}:\n{}", seen.join("\n"));
+        };
+        if line.contains("no broker session; retrying") {
+            attempts += 1;
+            assert!(line.contains("retry_in_ms="), "the line names the next delay: {line}");
+            assert!(line.contains("Connection refused"), "the line names the cause: {line}");
+        }
+        seen.push(line);
+    }
+    let still_running = child.try_wait().expect("worker status").is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still_running, "a worker keeps retrying a broker that is down");
+    let text = seen.join("\n");
+    assert!(!text.contains("ERROR"), "a broker that is down is retried, not an error of ours:\n{text}");
+    assert!(!text.contains("lapin"), "the AMQP client's own lines stay quiet:\n{text}");
 }
 
 #[test]

@@ -48,6 +48,13 @@ async fn scrape_matches_the_jobs_scored() {
         sizes.len() as f64
     );
     assert_eq!(sample(&scrape, "batchscore_jobs_completed_total", &[("model", "unknown"), ("status", "error")]), 2.0);
+    // Every job counts as received before it can complete, rejected ones included.
+    assert_eq!(sample(&scrape, "batchscore_jobs_received_total", &[("model", "unknown")]), 2.0, "{scrape}");
+    let (received, completed) = (
+        sample(&scrape, "batchscore_jobs_received_total", &[]),
+        sample(&scrape, "batchscore_jobs_completed_total", &[]),
+    );
+    assert_eq!((received, completed), ((sizes.len() + 2) as f64, (sizes.len() + 2) as f64));
     assert_eq!(sample(&scrape, "batchscore_rows_scored_total", &[("model", "linear")]), total_rows as f64);
     assert_eq!(sample(&scrape, "batchscore_job_duration_seconds_count", &linear), sizes.len() as f64);
     assert_eq!(sample(&scrape, "batchscore_batch_wait_seconds_count", &[("model", "linear")]), sizes.len() as f64);

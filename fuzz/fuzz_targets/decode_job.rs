@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         // Every rejection is reported to the job's sender, so it must say something.
-        Err(error) => assert!(!error.message.is_empty(), "empty message for {:?}", error.code),
+        Err(error) => assert!(!error.reason.message().is_empty(), "empty message for {:?}", error.reason.code()),
     }
 });
 
