@@ -263,7 +263,7 @@ fn subdirectories(dir: &Path) -> Result<Vec<(String, PathBuf)>, RepositoryError>
 fn read_config(model_dir: &Path) -> Result<ModelConfig, RepositoryError> {
     let path = model_dir.join(CONFIG_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => serde_yaml::from_str(&text).map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
+        Ok(text) => ModelConfig::from_yaml(&text).map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfig::default()),
         Err(e) => Err(RepositoryError::Config { path, problem: e.to_string() }),
     }
@@ -278,13 +278,42 @@ mod tests {
 
     #[test]
     fn version_policy_reads_from_yaml_and_selects() {
-        let policy = |yaml: &str| serde_yaml::from_str::<VersionPolicy>(yaml).expect("policy parses");
+        let policy = |yaml: &str| {
+            ModelConfig::from_yaml(&format!("version_policy: {yaml}")).expect("policy parses").version_policy
+        };
         let available = [3, 1, 2, 10];
         assert_eq!(policy("all").select(&available), vec![1, 2, 3, 10]);
-        assert_eq!(policy("latest: 2").select(&available), vec![3, 10]);
-        assert_eq!(policy("latest: 9").select(&available), vec![1, 2, 3, 10]);
-        assert_eq!(policy("specific: [1, 3, 7]").select(&available), vec![1, 3]);
-        assert!(serde_yaml::from_str::<VersionPolicy>("newest: 1").is_err());
+        assert_eq!(policy("{latest: 2}").select(&available), vec![3, 10]);
+        assert_eq!(policy("\n  latest: 9").select(&available), vec![1, 2, 3, 10]);
+        assert_eq!(policy("{specific: [1, 3, 7]}").select(&available), vec![1, 3]);
+        let wrong = ModelConfig::from_yaml("version_policy: {newest: 1}").expect_err("newest is no policy");
+        assert!(wrong.to_string().contains("version_policy must be all, {latest: N} or {specific: [versions]}"));
+    }
+
+    #[test]
+    fn model_config_keeps_case_and_names_the_key_at_fault() {
+        let config = ModelConfig::from_yaml("features: [Age, ABC]\noutputs: [Label]").expect("config parses");
+        assert_eq!(config.features.as_deref(), Some(&["Age".to_string(), "ABC".to_string()][..]));
+        assert_eq!(config.outputs.as_deref(), Some(&["Label".to_string()][..]));
+        let unknown = ModelConfig::from_yaml("Features: [a]").expect_err("keys are case-sensitive").to_string();
+        assert!(unknown.contains("unknown field `Features`"), "{unknown}");
+        let wrong = ModelConfig::from_yaml("batching: {max_batch_rows: abc}").expect_err("rows are a number");
+        assert!(wrong.to_string().contains("batching.max_batch_rows"), "{wrong}");
+        for empty in ["", "# every key commented out\n", "batching:\n  # max_batch_rows: 64\n"] {
+            let config = ModelConfig::from_yaml(empty).expect("an empty config is the default");
+            assert_eq!(config.batching.max_batch_rows, None);
+            assert_eq!(config.version_policy, VersionPolicy::default());
+        }
+    }
+
+    #[test]
+    fn an_unreadable_config_names_its_file_and_problem() {
+        let scratch = Scratch::new();
+        std::fs::write(scratch.root.join(&scratch.model).join(CONFIG_FILE), "featurs: [a]\n").expect("write config");
+        let error = read_config(&scratch.root.join(&scratch.model)).expect_err("a misspelt key is refused");
+        let message = error.to_string();
+        assert!(message.starts_with(&scratch.root.join(&scratch.model).join(CONFIG_FILE).display().to_string()));
+        assert!(message.contains("unknown field `featurs`"), "{message}");
     }
 
     /// A scratch repository holding the `linear` fixture's config and version 1 under a model
