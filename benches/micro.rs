@@ -119,7 +119,7 @@ impl Fixture {
         let config_path = dir.join("config.yaml");
         let config: ModelConfig = std::fs::read_to_string(&config_path)
             .map_err(|e| e.to_string())
-            .and_then(|text| serde_yaml::from_str(&text).map_err(|e| e.to_string()))
+            .and_then(|text| ModelConfig::from_yaml(&text).map_err(|e| e.to_string()))
             .map_err(|e| format!("{}: {e}", config_path.display()))?;
         let inference = InferenceSettings { sessions: 1, intra_threads: 1, ..InferenceSettings::default() };
         let model = ModelVersion::load(

@@ -281,15 +281,19 @@ fn write_output(path: &Path, results: &[Value]) -> anyhow::Result<()> {
             }
         }
         "csv" => {
+            // Flexible: a row with other outputs than the first (a version with other outputs
+            // took over mid-run) is written as it is rather than failing the whole output.
+            let mut writer = csv::WriterBuilder::new().flexible(true).from_writer(&mut out);
             let mut header_written = false;
             for row in rows {
                 let cells: Vec<(String, String)> = row.iter().flat_map(|(name, value)| flatten(name, value)).collect();
                 if !header_written {
-                    writeln!(out, "{}", cells.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(","))?;
+                    writer.write_record(cells.iter().map(|(name, _)| name))?;
                     header_written = true;
                 }
-                writeln!(out, "{}", cells.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(","))?;
+                writer.write_record(cells.iter().map(|(_, value)| value))?;
             }
+            writer.flush()?;
         }
         _ => bail!("{}: output must be .csv or .jsonl", path.display()),
     }
@@ -304,5 +308,34 @@ fn flatten(name: &str, value: &Value) -> Vec<(String, String)> {
         Value::Object(map) => map.iter().flat_map(|(k, v)| flatten(&format!("{name}_{k}"), v)).collect(),
         Value::String(s) => vec![(name.to_string(), s.clone())],
         other => vec![(name.to_string(), other.to_string())],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn csv_output_quotes_commas_quotes_and_newlines() {
+        let tricky = "good, \"very\" good\nindeed";
+        let results = [
+            json!({"rows": 2, "outputs": {"label": [tricky, "plain"], "probabilities": [[0.25, 0.75], [0.5, 0.5]]}}),
+            json!({"rows": 1, "outputs": {"label": ["a,b"], "probabilities": [[1.0, 0.0]]}}),
+        ];
+        let path = std::env::temp_dir().join(format!("batchscore-submit-{}.csv", uuid::Uuid::new_v4().simple()));
+        write_output(&path, &results).expect("output written");
+        let mut reader = csv::Reader::from_path(&path).expect("output is readable CSV");
+        let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
+        let records: Vec<Vec<String>> =
+            reader.records().map(|record| record.expect("record").iter().map(String::from).collect()).collect();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(header, ["label", "probabilities_0", "probabilities_1"]);
+        assert_eq!(
+            records,
+            [[tricky, "0.25", "0.75"], ["plain", "0.5", "0.5"], ["a,b", "1.0", "0.0"]],
+            "every value reads back as written, one record per input row"
+        );
     }
 }

@@ -45,7 +45,7 @@ fn fixture() -> &'static Fixture {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let models = root.join("tests/fixtures/models/linear");
         let config_text = std::fs::read_to_string(models.join("config.yaml")).expect("linear config.yaml is readable");
-        let config: ModelConfig = serde_yaml::from_str(&config_text).expect("linear config.yaml is a model config");
+        let config = ModelConfig::from_yaml(&config_text).expect("linear config.yaml is a model config");
         let env = batchscore::engine::runtime::environment(None).expect("ONNX Runtime is in .onnxruntime/");
         let model = ModelVersion::load(
             env,

@@ -55,8 +55,7 @@ impl Engine {
         let config_path = dir.join("config.yaml");
         let text =
             std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-        let config: ModelConfig =
-            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+        let config = ModelConfig::from_yaml(&text).with_context(|| format!("parsing {}", config_path.display()))?;
         let model =
             ModelVersion::load(env, name, 1, &dir.join("1/model.onnx"), &config, settings.inference, settings.batching)
                 .with_context(|| format!("loading {name} in this process"))?;

@@ -23,7 +23,8 @@ pub struct ModelConfig {
     pub features: Option<Vec<String>>,
     /// Outputs published in results (default: all).
     pub outputs: Option<Vec<String>>,
-    #[serde(default)]
+    /// An empty `batching:` (every key commented out) means no override.
+    #[serde(default, deserialize_with = "empty_as_default")]
     pub batching: BatchingOverride,
     /// Which versions on disk are served (default: all).
     #[serde(default)]
@@ -35,6 +36,16 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Parses a config.yaml text with the YAML parser that also reads the settings file, so the
+    /// two files follow the same YAML rules. Errors name the key and the problem; the caller
+    /// names the file.
+    pub fn from_yaml(text: &str) -> Result<Self, config::ConfigError> {
+        config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Yaml))
+            .build()
+            .and_then(config::Config::try_deserialize)
+    }
+
     /// The worker's inference settings with this model's provider overrides applied.
     pub fn inference(&self, defaults: InferenceSettings) -> InferenceSettings {
         InferenceSettings {
@@ -79,6 +90,15 @@ impl VersionPolicy {
             VersionPolicy::Specific { specific } => sorted.into_iter().filter(|v| specific.contains(v)).collect(),
         }
     }
+}
+
+/// A key present with no value (`batching:`) reads as the default.
+fn empty_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]

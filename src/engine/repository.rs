@@ -89,12 +89,20 @@ impl Repository {
         if models.is_empty() {
             return Err(RepositoryError::Empty(settings.models.repository.clone()));
         }
-        Ok(Self { models })
+        let repository = Self { models };
+        // Only once every version loaded: a worker that fails to start serves nothing.
+        repository.versions().for_each(|model| record_serving(model));
+        Ok(repository)
     }
 
     /// The next snapshot, or `None` when nothing changed. A version that fails to load is logged,
     /// counted in `batchscore_model_load_failures_total` and left out, while the version it would
-    /// have replaced keeps serving. A repository that cannot be read keeps the current snapshot.
+    /// have replaced keeps serving. A repository that cannot be read, or that would leave nothing
+    /// to serve, keeps the current snapshot.
+    ///
+    /// `batchscore_model_info` follows the snapshot returned: versions are marked retired and
+    /// serving only when a next snapshot is returned, so the metric never names a version the
+    /// worker does not serve, nor calls retired one that still serves.
     pub fn reload(
         &self,
         env: &ort::environment::Environment,
@@ -103,7 +111,8 @@ impl Repository {
     ) -> Result<Option<Self>, RepositoryError> {
         let candidates = scan(&settings.models.repository)?;
         let mut models: BTreeMap<String, BTreeMap<u64, Served>> = BTreeMap::new();
-        let mut changed = false;
+        // A file or config.yaml changed, even when the loaded version stays (the stamps move on).
+        let mut restamped = false;
         for candidate in candidates {
             let current = self.models.get(&candidate.name).and_then(|v| v.get(&candidate.version));
             let key = (candidate.name.clone(), candidate.version);
@@ -113,16 +122,18 @@ impl Repository {
                 _ => match load_version(env, settings, &candidate) {
                     Ok(model) => {
                         refused.remove(&key);
+                        restamped = true;
                         match current {
-                            // Same bytes under a new timestamp: the loaded version stays.
-                            Some(served) if served.model.sha256 == model.sha256 => {
-                                changed = true;
+                            // Same bytes and the same config.yaml under a new timestamp: the loaded
+                            // version stays. An edited config.yaml (features, outputs, batching,
+                            // provider) needs the version loaded with it.
+                            Some(served)
+                                if served.model.sha256 == model.sha256
+                                    && served.stamp.config == candidate.stamp.config =>
+                            {
                                 Some(Served { model: Arc::clone(&served.model), stamp: candidate.stamp })
                             }
-                            _ => {
-                                changed = true;
-                                Some(Served { model, stamp: candidate.stamp })
-                            }
+                            _ => Some(Served { model, stamp: candidate.stamp }),
                         }
                     }
                     Err(error) => {
@@ -138,21 +149,34 @@ impl Repository {
                 models.entry(candidate.name).or_default().insert(candidate.version, served);
             }
         }
-        let removed = self.versions().filter(|old| {
-            !models.get(&old.name).and_then(|v| v.get(&old.version)).is_some_and(|s| Arc::ptr_eq(&s.model, old))
-        });
-        for old in removed {
-            changed = true;
-            tracing::info!(model = %old.name, version = old.version, sha256 = %old.sha256,
-                "model version retired; it finishes the batches it has");
-            telemetry::record_model_retired(&old.name, old.version, &old.sha256, old.provider.as_str());
-        }
         if models.is_empty() {
             tracing::error!(path = %settings.models.repository.display(),
                 "the model repository holds no servable model; the served versions stay as they are");
             return Ok(None);
         }
-        Ok(changed.then_some(Self { models }))
+        let next = Self { models };
+        let retired: Vec<&Arc<ModelVersion>> = self.versions().filter(|old| !next.serves(old)).collect();
+        let added: Vec<&Arc<ModelVersion>> = next.versions().filter(|new| !self.serves(new)).collect();
+        if !restamped && retired.is_empty() && added.is_empty() {
+            return Ok(None);
+        }
+        // Retired first: a version loaded again with the same file and provider shares the
+        // retired one's labels and must end up marked as serving.
+        for old in retired {
+            tracing::info!(model = %old.name, version = old.version, sha256 = %old.sha256,
+                "model version retired; it finishes the batches it has");
+            telemetry::record_model_retired(&old.name, old.version, &old.sha256, old.provider.as_str());
+        }
+        added.into_iter().for_each(|model| record_serving(model));
+        Ok(Some(next))
+    }
+
+    /// This very load of a version (not another load of the same file) is in the snapshot.
+    fn serves(&self, model: &Arc<ModelVersion>) -> bool {
+        self.models
+            .get(&model.name)
+            .and_then(|versions| versions.get(&model.version))
+            .is_some_and(|served| Arc::ptr_eq(&served.model, model))
     }
 
     /// The pinned version, or the highest one.
@@ -190,10 +214,14 @@ fn load_version(
         .inspect_err(|_| telemetry::record_model_load_failure(name))?;
     tracing::info!(model = %name, version, path = %file.display(), sha256 = %model.sha256,
         features = model.signature.n_features, provider = model.provider.as_str(), "model loaded");
-    telemetry::record_model_loaded(name, *version, &model.sha256, model.provider.as_str());
-    let (busy, idle) = model.session_usage();
-    telemetry::record_sessions(name, *version, busy, idle);
     Ok(Arc::new(model))
+}
+
+/// A version entered the served snapshot.
+fn record_serving(model: &ModelVersion) {
+    telemetry::record_model_loaded(&model.name, model.version, &model.sha256, model.provider.as_str());
+    let (busy, idle) = model.session_usage();
+    telemetry::record_sessions(&model.name, model.version, busy, idle);
 }
 
 /// Every version on disk that its model's version policy selects.
@@ -235,7 +263,7 @@ fn subdirectories(dir: &Path) -> Result<Vec<(String, PathBuf)>, RepositoryError>
 fn read_config(model_dir: &Path) -> Result<ModelConfig, RepositoryError> {
     let path = model_dir.join(CONFIG_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => serde_yaml::from_str(&text).map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
+        Ok(text) => ModelConfig::from_yaml(&text).map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfig::default()),
         Err(e) => Err(RepositoryError::Config { path, problem: e.to_string() }),
     }
@@ -243,16 +271,135 @@ fn read_config(model_dir: &Path) -> Result<ModelConfig, RepositoryError> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use super::super::model::VersionPolicy;
+    use super::*;
 
     #[test]
     fn version_policy_reads_from_yaml_and_selects() {
-        let policy = |yaml: &str| serde_yaml::from_str::<VersionPolicy>(yaml).expect("policy parses");
+        let policy = |yaml: &str| {
+            ModelConfig::from_yaml(&format!("version_policy: {yaml}")).expect("policy parses").version_policy
+        };
         let available = [3, 1, 2, 10];
         assert_eq!(policy("all").select(&available), vec![1, 2, 3, 10]);
-        assert_eq!(policy("latest: 2").select(&available), vec![3, 10]);
-        assert_eq!(policy("latest: 9").select(&available), vec![1, 2, 3, 10]);
-        assert_eq!(policy("specific: [1, 3, 7]").select(&available), vec![1, 3]);
-        assert!(serde_yaml::from_str::<VersionPolicy>("newest: 1").is_err());
+        assert_eq!(policy("{latest: 2}").select(&available), vec![3, 10]);
+        assert_eq!(policy("\n  latest: 9").select(&available), vec![1, 2, 3, 10]);
+        assert_eq!(policy("{specific: [1, 3, 7]}").select(&available), vec![1, 3]);
+        let wrong = ModelConfig::from_yaml("version_policy: {newest: 1}").expect_err("newest is no policy");
+        assert!(wrong.to_string().contains("version_policy must be all, {latest: N} or {specific: [versions]}"));
+    }
+
+    #[test]
+    fn model_config_keeps_case_and_names_the_key_at_fault() {
+        let config = ModelConfig::from_yaml("features: [Age, ABC]\noutputs: [Label]").expect("config parses");
+        assert_eq!(config.features.as_deref(), Some(&["Age".to_string(), "ABC".to_string()][..]));
+        assert_eq!(config.outputs.as_deref(), Some(&["Label".to_string()][..]));
+        let unknown = ModelConfig::from_yaml("Features: [a]").expect_err("keys are case-sensitive").to_string();
+        assert!(unknown.contains("unknown field `Features`"), "{unknown}");
+        let wrong = ModelConfig::from_yaml("batching: {max_batch_rows: abc}").expect_err("rows are a number");
+        assert!(wrong.to_string().contains("batching.max_batch_rows"), "{wrong}");
+        for empty in ["", "# every key commented out\n", "batching:\n  # max_batch_rows: 64\n"] {
+            let config = ModelConfig::from_yaml(empty).expect("an empty config is the default");
+            assert_eq!(config.batching.max_batch_rows, None);
+            assert_eq!(config.version_policy, VersionPolicy::default());
+        }
+    }
+
+    #[test]
+    fn an_unreadable_config_names_its_file_and_problem() {
+        let scratch = Scratch::new();
+        std::fs::write(scratch.root.join(&scratch.model).join(CONFIG_FILE), "featurs: [a]\n").expect("write config");
+        let error = read_config(&scratch.root.join(&scratch.model)).expect_err("a misspelt key is refused");
+        let message = error.to_string();
+        assert!(message.starts_with(&scratch.root.join(&scratch.model).join(CONFIG_FILE).display().to_string()));
+        assert!(message.contains("unknown field `featurs`"), "{message}");
+    }
+
+    /// A scratch repository holding the `linear` fixture's config and version 1 under a model
+    /// name of its own, so no other test in the process shares its metric series.
+    struct Scratch {
+        root: PathBuf,
+        model: String,
+        settings: Settings,
+    }
+
+    impl Scratch {
+        fn new() -> Self {
+            // Installed before anything is recorded: metrics recorded before go nowhere.
+            telemetry::recorder();
+            let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/linear");
+            let model = format!("linear_{}", uuid::Uuid::new_v4().simple());
+            let root = std::env::temp_dir().join(format!("batchscore-repository-{model}"));
+            std::fs::create_dir_all(root.join(&model).join("1")).expect("scratch repository");
+            std::fs::copy(fixtures.join(CONFIG_FILE), root.join(&model).join(CONFIG_FILE)).expect("config");
+            std::fs::copy(fixtures.join("1").join(MODEL_FILE), root.join(&model).join("1").join(MODEL_FILE))
+                .expect("model file");
+            let mut settings = Settings::load(Path::new("/nonexistent.yaml"), false).expect("defaults load");
+            settings.models.repository = root.clone();
+            Self { root, model, settings }
+        }
+
+        fn load(&self) -> Repository {
+            let env = crate::engine::runtime::environment(None).expect("ONNX Runtime in .onnxruntime/");
+            Repository::load(env, &self.settings).expect("the fixture loads")
+        }
+
+        fn reload(&self, current: &Repository) -> Option<Repository> {
+            let env = crate::engine::runtime::environment(None).expect("ONNX Runtime in .onnxruntime/");
+            current.reload(env, &self.settings, &mut Refused::new()).expect("the repository reads")
+        }
+
+        /// `batchscore_model_info` summed over this model's version `version`.
+        fn model_info(&self, version: u64) -> f64 {
+            let labels = [format!("model=\"{}\"", self.model), format!("version=\"{version}\"")];
+            telemetry::recorder()
+                .render()
+                .lines()
+                .filter(|line| line.starts_with(&format!("{}{{", telemetry::MODEL_INFO)))
+                .filter(|line| labels.iter().all(|label| line.contains(label.as_str())))
+                .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    #[test]
+    fn a_scan_with_nothing_to_serve_keeps_the_snapshot_and_its_metrics() {
+        let scratch = Scratch::new();
+        let current = scratch.load();
+        assert_eq!(scratch.model_info(1), 1.0, "the loaded version is marked serving");
+
+        let version_dir = scratch.root.join(&scratch.model).join("1");
+        std::fs::rename(&version_dir, scratch.root.join(&scratch.model).join("moved-away")).expect("move v1");
+        assert!(scratch.reload(&current).is_none(), "an empty repository keeps the current snapshot");
+        assert!(current.resolve(&scratch.model, Some(1)).is_ok(), "version 1 still serves");
+        assert_eq!(scratch.model_info(1), 1.0, "the version that keeps serving is not marked retired");
+    }
+
+    #[test]
+    fn an_edited_config_reloads_the_version_even_with_the_same_file() {
+        let scratch = Scratch::new();
+        let current = scratch.load();
+        let served = Arc::clone(current.resolve(&scratch.model, Some(1)).expect("version 1"));
+        assert_eq!(served.published.len(), 2, "the fixture publishes label and probabilities");
+
+        let config = scratch.root.join(&scratch.model).join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config).expect("config");
+        let edited = text.replace("outputs: [label, probabilities]", "outputs: [probabilities]");
+        assert_ne!(edited, text, "the fixture config lists its outputs on one line");
+        std::fs::write(&config, edited).expect("edit config");
+
+        let next = scratch.reload(&current).expect("an edited config.yaml is a change");
+        let reloaded = next.resolve(&scratch.model, Some(1)).expect("version 1");
+        assert!(!Arc::ptr_eq(reloaded, &served), "the version was loaded again with the edited config");
+        let published: Vec<&str> = reloaded.published.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(published, ["probabilities"], "the edited outputs apply");
+        assert_eq!(scratch.model_info(1), 1.0, "the reloaded version is marked serving");
     }
 }
