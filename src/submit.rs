@@ -8,13 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use serde_json::Value;
 
-use crate::amqp;
+use crate::amqp::client::JobClient;
 use crate::settings::Settings;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -78,70 +74,47 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
         bail!("{} holds no rows", args.input.display());
     }
     let started = Instant::now();
-    let connection = amqp::connect(&settings.amqp).await?;
-    let channel = amqp::confirming_channel(&connection).await?;
-    let reply_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .context("cannot declare a reply queue")?;
-    let mut replies = channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await?;
-
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut client = JobClient::connect(&settings.amqp).await?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let chunks: Vec<&[String]> = input.items.chunks(args.chunk_rows).collect();
-    let mut confirms = Vec::with_capacity(chunks.len());
-    for (index, chunk) in chunks.iter().enumerate() {
-        let job_id = format!("{}-{index}", &run_id[..12]);
+    let jobs = chunks.iter().enumerate().map(|(index, chunk)| {
+        let job_id = format!("{run_id}-{index}");
         let body = job_body(&job_id, args, input.field, chunk);
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(job_id.as_str().into())
-            .with_correlation_id(job_id.as_str().into())
-            .with_reply_to(reply_queue.name().clone())
-            .with_timestamp(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            );
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                settings.amqp.jobs_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                properties,
-            )
-            .await?;
-        confirms.push(confirm);
+        (job_id, body)
+    });
+    if !client.publish_all(jobs).await? {
+        bail!("the broker refused a job; nothing was scored reliably, submit again");
     }
-    for confirm in confirms {
-        if !confirm.await?.is_ack() {
-            bail!("the broker refused a job; nothing was scored reliably, submit again");
-        }
-    }
+    let collected = collect(&mut client, &run_id, chunks.len(), args, &settings.amqp.jobs_queue).await;
+    client.close().await;
+    let ordered = collected?;
+    let elapsed = started.elapsed();
+    check_all_ok(&ordered, &chunks, args.chunk_rows)?;
+    write_output(&args.output, &ordered)?;
+    Ok(Summary { rows: input.items.len(), jobs: chunks.len(), elapsed, output: args.output.clone() })
+}
 
-    let mut results: HashMap<usize, Value> = HashMap::with_capacity(chunks.len());
+/// The results of jobs `0..jobs` of this run, in job order, within `--timeout-s`.
+async fn collect(
+    client: &mut JobClient,
+    run_id: &str,
+    jobs: usize,
+    args: &SubmitArgs,
+    jobs_queue: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let mut results: HashMap<usize, Value> = HashMap::with_capacity(jobs);
     let deadline = tokio::time::sleep(Duration::from_secs(args.timeout_s));
     tokio::pin!(deadline);
-    while results.len() < chunks.len() {
-        let delivery = tokio::select! {
-            _ = &mut deadline => bail!("{} of {} results arrived within {} s (--timeout-s); is a worker consuming {}?",
-                results.len(), chunks.len(), args.timeout_s, settings.amqp.jobs_queue),
-            delivery = replies.next() => delivery.ok_or_else(|| anyhow!("the reply queue closed"))??,
+    while results.len() < jobs {
+        let body = tokio::select! {
+            _ = &mut deadline => bail!("{} of {jobs} results arrived within {} s (--timeout-s); is a worker consuming {jobs_queue}?",
+                results.len(), args.timeout_s),
+            body = client.next_result() => body?.ok_or_else(|| anyhow!("the reply queue closed"))?,
         };
-        let body: Value = serde_json::from_slice(&delivery.data).context("a result is not JSON")?;
+        let body: Value = serde_json::from_slice(&body).context("a result is not JSON")?;
         let index = body["job_id"]
             .as_str()
-            .and_then(|id| id.strip_prefix(&run_id[..12]))
+            .and_then(|id| id.strip_prefix(run_id))
             .and_then(|rest| rest.strip_prefix('-'))
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(index) = index {
@@ -149,29 +122,24 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
             results.entry(index).or_insert(body);
         }
     }
-    let _ = connection.close(200, "submit done".into()).await;
-    let elapsed = started.elapsed();
+    Ok((0..jobs).map(|i| results.remove(&i).unwrap_or(Value::Null)).collect())
+}
 
-    let ordered: Vec<Value> = (0..chunks.len()).map(|i| results.remove(&i).unwrap_or(Value::Null)).collect();
-    let failures: Vec<String> = ordered
+/// Fails naming the input rows of every job that was not scored.
+fn check_all_ok(results: &[Value], chunks: &[&[String]], chunk_rows: usize) -> anyhow::Result<()> {
+    let failures: Vec<String> = results
         .iter()
         .enumerate()
         .filter(|(_, r)| r["status"] != "ok")
         .map(|(i, r)| {
-            format!(
-                "rows {}..{}: {} {}",
-                i * args.chunk_rows,
-                i * args.chunk_rows + chunks[i].len(),
-                r["error"]["code"],
-                r["error"]["message"]
-            )
+            let first = i * chunk_rows;
+            format!("rows {}..{}: {} {}", first, first + chunks[i].len(), r["error"]["code"], r["error"]["message"])
         })
         .collect();
     if !failures.is_empty() {
         bail!("{} of {} jobs failed:\n  {}", failures.len(), chunks.len(), failures.join("\n  "));
     }
-    write_output(&args.output, &ordered)?;
-    Ok(Summary { rows: input.items.len(), jobs: chunks.len(), elapsed, output: args.output.clone() })
+    Ok(())
 }
 
 fn job_body(job_id: &str, args: &SubmitArgs, field: &str, items: &[String]) -> String {

@@ -1,5 +1,7 @@
-//! RabbitMQ: connection, queue declarations, the job consumer and the confirming publisher.
+//! RabbitMQ, and the only module that names it: connection, queue declarations, the job
+//! consumer, the confirming publisher, and the job client of `batchscore submit`.
 
+pub mod client;
 pub mod consumer;
 pub mod publisher;
 

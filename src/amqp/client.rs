@@ -1,0 +1,67 @@
+//! A client's side of the job queue, for `batchscore submit`: publishes jobs with confirms on a
+//! private, exclusive reply queue and hands back the results as they arrive.
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+
+use super::AmqpError;
+use crate::flow::epoch_ms;
+use crate::settings::AmqpSettings;
+
+/// A connection with a reply queue of its own; the queue goes when the client does.
+pub struct JobClient {
+    connection: Connection,
+    channel: Channel,
+    reply_queue: ShortString,
+    replies: lapin::Consumer,
+    jobs_queue: String,
+}
+
+impl JobClient {
+    pub async fn connect(settings: &AmqpSettings) -> Result<Self, AmqpError> {
+        let connection = super::connect(settings).await?;
+        let channel = super::confirming_channel(&connection).await?;
+        let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let reply_queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await?.name().clone();
+        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let replies = channel.basic_consume(reply_queue.clone(), "".into(), no_ack, FieldTable::default()).await?;
+        Ok(Self { connection, channel, reply_queue, replies, jobs_queue: settings.jobs_queue.clone() })
+    }
+
+    /// Publishes every `(job_id, body)` to the jobs queue and waits until the broker confirmed
+    /// them all; false when it refused any.
+    pub async fn publish_all(&self, jobs: impl Iterator<Item = (String, String)>) -> Result<bool, AmqpError> {
+        let mut confirms = Vec::new();
+        for (job_id, body) in jobs {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_message_id(job_id.as_str().into())
+                .with_correlation_id(job_id.as_str().into())
+                .with_reply_to(self.reply_queue.clone())
+                .with_timestamp(epoch_ms() / 1000);
+            let queue = self.jobs_queue.as_str().into();
+            let publish = BasicPublishOptions::default();
+            confirms.push(self.channel.basic_publish("".into(), queue, publish, body.as_bytes(), properties).await?);
+        }
+        let mut all_stored = true;
+        for confirm in confirms {
+            all_stored &= confirm.await?.is_ack();
+        }
+        Ok(all_stored)
+    }
+
+    /// The next result's body; `None` when the reply queue was closed.
+    pub async fn next_result(&mut self) -> Result<Option<Vec<u8>>, AmqpError> {
+        match self.replies.next().await {
+            Some(delivery) => Ok(Some(delivery?.data)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "submit done".into()).await;
+    }
+}
