@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, consumer::Consumer, AmqpError};
+use crate::amqp::{self, consumer::Consumer, AmqpError, Link};
 use crate::batcher::Batchers;
 use crate::engine::Repository;
 use crate::result;
@@ -74,17 +74,13 @@ async fn serve(
     shutdown: &CancellationToken,
     ever_connected: &mut bool,
 ) -> Result<(), WorkerError> {
-    let connection = amqp::connect(&settings.amqp).await?;
+    let link = Link::open(&settings.amqp).await?;
     *ever_connected = true;
-    let consume_channel = amqp::consumer_channel(&connection, settings.amqp.prefetch).await?;
-    amqp::declare_topology(&consume_channel, &settings.amqp).await?;
-    let publish_channel = amqp::confirming_channel(&connection).await?;
     health.set_broker_connected(true);
     telemetry::reset_inflight();
-    tracing::info!(url = %amqp::redact(&settings.amqp.url), "connected to RabbitMQ");
 
     let (stages, watch) = Supervisor::new();
-    start_stages(settings, repository, &stages, consume_channel.clone(), publish_channel, shutdown);
+    start_stages(settings, repository, &stages, &link, shutdown);
     // The stages hold the spawner they need; this one would keep the pipeline from ending.
     drop(stages);
     let outcome = supervise(watch, shutdown, Duration::from_millis(settings.shutdown.timeout_ms)).await;
@@ -98,13 +94,7 @@ async fn serve(
         // answered. A short pause lets the queue settle them first.
         tokio::time::sleep(SETTLE_GRACE).await;
     }
-    // The broker answers channel.close only after it has processed every earlier frame on the
-    // channel, acknowledgements included: waiting for it makes the acks of drained jobs stick.
-    // Closing also returns deliveries not yet processed (after a failure or a drain timeout) to
-    // the queue.
-    let grace = Duration::from_secs(5);
-    let _ = tokio::time::timeout(grace, consume_channel.close(200, "worker stopping".into())).await;
-    let _ = tokio::time::timeout(grace, connection.close(200, "worker stopping".into())).await;
+    link.close().await;
     outcome
 }
 
@@ -114,8 +104,7 @@ fn start_stages(
     settings: &Settings,
     repository: watch::Receiver<Arc<Repository>>,
     stages: &Supervisor,
-    consume_channel: lapin::Channel,
-    publish_channel: lapin::Channel,
+    link: &Link,
     shutdown: &CancellationToken,
 ) {
     let amqp = &settings.amqp;
@@ -123,13 +112,13 @@ fn start_stages(
     let (publish_tx, publish_rx) = mpsc::channel(usize::from(amqp.prefetch) + usize::from(amqp.bulk_prefetch));
     // One batch ahead per session (TEI's channel of one, per session).
     let (scored_tx, scored_rx) = mpsc::channel(settings.inference.sessions.max(2));
-    stages.spawn("publisher", amqp::publisher::run(publish_channel, amqp.clone(), publish_rx));
+    stages.spawn("publisher", amqp::publisher::run(link.publish_channel(), amqp.clone(), publish_rx));
     stages.spawn("result", result::run(scored_rx, publish_tx.clone()));
     let snapshot = Arc::clone(&repository.borrow());
     let capacity = usize::from(amqp.prefetch.max(amqp.bulk_prefetch));
     let batchers = Batchers::new(&snapshot, settings.bulk_batching, scored_tx, capacity, stages.clone());
     let consumer = Consumer::new(settings.clone(), repository, batchers, publish_tx);
-    stages.spawn("consumer", consumer.run(consume_channel, shutdown.clone()));
+    stages.spawn("consumer", consumer.run(link.consume_channel(), shutdown.clone()));
 }
 
 /// Waits for the pipeline to end: drained after shutdown, or torn down at a stage's failure. A

@@ -141,3 +141,92 @@ fn log_rejection(job: &JobMeta, rejection: &Rejection) {
         tracing::info!(job_id, model, error, "job expired");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::flow::{Lane, Segment};
+    use crate::settings::BatchingSettings;
+    use crate::testing::{job, linear_model};
+
+    /// The job's rows `from..from + rows`, scored alone, as a part placed at `batch_offset`.
+    fn part(job: &crate::flow::Job, from: usize, rows: usize) -> ScoredBatch {
+        let n = job.meta.model.signature.n_features;
+        let inputs = &job.inputs[from * n..(from + rows) * n];
+        let model = &job.meta.model;
+        let columns = futures_util::FutureExt::now_or_never(model.session())
+            .expect("a free session")
+            .map(|mut session| model.run(&mut session, inputs, rows))
+            .expect("the session pool is open")
+            .expect("the fixture scores");
+        let segment = Segment { job: Arc::clone(&job.meta), job_offset: from, batch_offset: 0, rows };
+        ScoredBatch {
+            segments: vec![segment],
+            outcome: Ok(columns),
+            started_at: Instant::now(),
+            inference_time: Duration::ZERO,
+        }
+    }
+
+    fn outputs(body: &[u8]) -> serde_json::Value {
+        let result: serde_json::Value = serde_json::from_slice(body).expect("JSON");
+        result["outputs"].clone()
+    }
+
+    #[test]
+    fn parts_arriving_out_of_order_make_the_result_of_the_whole_job() {
+        let model = linear_model(1, BatchingSettings::default());
+        let split = job(&model, 7, 5, Lane::Online);
+        let whole = part(&split, 0, 5);
+        let mut reassembly = Reassembly::default();
+        let (tail, head) = (part(&split, 3, 2), part(&split, 0, 3));
+        assert!(reassembly.add(&tail.segments[0], &tail).is_none(), "rows 0..3 still missing");
+        assert_eq!(reassembly.pending(), 1);
+        let body = reassembly.add(&head.segments[0], &head).expect("all rows in").expect("encodes");
+        assert_eq!(reassembly.pending(), 0);
+        let alone = Reassembly::default().add(&whole.segments[0], &whole).expect("whole").expect("encodes");
+        let (got, alone) = (outputs(&body), outputs(&alone));
+        assert_eq!(got["label"], alone["label"]);
+        let probabilities = |v: &serde_json::Value| -> Vec<f64> {
+            let rows = v["probabilities"].as_array().cloned().unwrap_or_default();
+            rows.iter().flat_map(|row| row.as_array().cloned().unwrap_or_default()).filter_map(|p| p.as_f64()).collect()
+        };
+        let (got, alone) = (probabilities(&got), probabilities(&alone));
+        assert_eq!(got.len(), 10, "two probabilities for each of 5 rows");
+        // Batch size may change the order of floating-point sums, not the result.
+        assert!(got.iter().zip(&alone).all(|(g, a)| (g - a).abs() <= 1e-6), "{got:?} vs {alone:?}");
+    }
+
+    #[test]
+    fn a_failed_part_fails_the_job_once_all_parts_are_in() {
+        let model = linear_model(1, BatchingSettings::default());
+        let split = job(&model, 8, 4, Lane::Bulk);
+        let mut reassembly = Reassembly::default();
+        let failed = ScoredBatch::failed(
+            vec![Segment { job: Arc::clone(&split.meta), job_offset: 0, batch_offset: 0, rows: 2 }],
+            Rejection::Internal("inference failed: boom".into()),
+        );
+        assert!(reassembly.add(&failed.segments[0], &failed).is_none());
+        let rest = part(&split, 2, 2);
+        let outcome = reassembly.add(&rest.segments[0], &rest).expect("all rows in");
+        assert_eq!(outcome, Err(Rejection::Internal("inference failed: boom".into())));
+
+        let answer = answer(&split.meta, outcome);
+        assert_eq!(answer.delivery.open::<u64>(), Some(&8), "the job's own delivery");
+        assert_eq!((answer.completion.status, answer.completion.lane), ("error", Lane::Bulk));
+        assert!(answer.dead_letter.is_some(), "a failed job is dead-lettered");
+        let body: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON");
+        assert_eq!(body["error"]["code"], "internal");
+    }
+
+    #[test]
+    fn an_expired_job_is_answered_but_not_dead_lettered() {
+        let model = linear_model(1, BatchingSettings::default());
+        let late = job(&model, 9, 1, Lane::Online);
+        let answer = answer(&late.meta, Err(Rejection::Expired("deadline passed".into())));
+        assert_eq!(answer.completion.status, "expired");
+        assert!(answer.dead_letter.is_none());
+    }
+}

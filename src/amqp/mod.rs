@@ -5,6 +5,8 @@ pub mod client;
 pub mod consumer;
 pub mod publisher;
 
+use std::time::Duration;
+
 use lapin::options::{BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -90,6 +92,44 @@ fn refused(url: &str, reason: String) -> AmqpError {
         Err(_) => (String::new(), redact(url), 0, String::new()),
     };
     AmqpError::Refused { user, host, port, vhost, reason }
+}
+
+/// One connection to the broker and the pipeline's two channels on it: the consumer's, with its
+/// prefetch, and the publisher's, with confirms. The topology is declared when it opens.
+pub struct Link {
+    connection: Connection,
+    consume: Channel,
+    publish: Channel,
+}
+
+impl Link {
+    pub async fn open(settings: &AmqpSettings) -> Result<Self, AmqpError> {
+        let connection = connect(settings).await?;
+        let consume = consumer_channel(&connection, settings.prefetch).await?;
+        declare_topology(&consume, settings).await?;
+        let publish = confirming_channel(&connection).await?;
+        tracing::info!(url = %redact(&settings.url), "connected to RabbitMQ");
+        Ok(Self { connection, consume, publish })
+    }
+
+    pub fn consume_channel(&self) -> Channel {
+        self.consume.clone()
+    }
+
+    pub fn publish_channel(&self) -> Channel {
+        self.publish.clone()
+    }
+
+    /// Closes the consumer's channel, then the connection, each waiting at most a few seconds.
+    pub async fn close(self) {
+        // The broker answers channel.close only after it has processed every earlier frame on
+        // the channel, acknowledgements included: waiting for it makes the acks of drained jobs
+        // stick. Closing also returns deliveries not yet processed (after a failure or a drain
+        // timeout) to the queue.
+        let grace = Duration::from_secs(5);
+        let _ = tokio::time::timeout(grace, self.consume.close(200, "worker stopping".into())).await;
+        let _ = tokio::time::timeout(grace, self.connection.close(200, "worker stopping".into())).await;
+    }
 }
 
 /// Declares (or, with `declare_queues: false`, checks) the topology: the jobs queue (quorum, with a
