@@ -1,6 +1,7 @@
 //! Wires the stages together — consume → decode/validate → batch → infer → encode → publish →
-//! ack — and keeps the worker connected: a lost connection tears the stages down and they are
-//! rebuilt on a new one, with backoff. Nothing else knows all the stages.
+//! ack — under one [`Supervisor`] per broker connection, and keeps the worker connected: a lost
+//! connection or a failed stage tears every stage down, and they are rebuilt on a new connection
+//! with backoff. Nothing else knows all the stages.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use crate::telemetry::{self, Health};
 const SETTLE_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
+pub enum SessionError {
     #[error(transparent)]
     Amqp(#[from] AmqpError),
     #[error(transparent)]
@@ -48,7 +49,7 @@ pub async fn run(
         health.set_broker_connected(false);
         let error = match outcome {
             Ok(()) => return Ok(()),
-            Err(WorkerError::Amqp(error)) if error.is_refusal() && !ever_connected => return Err(error),
+            Err(SessionError::Amqp(error)) if error.is_refusal() && !ever_connected => return Err(error),
             Err(error) => error,
         };
         if started.elapsed() > max_backoff {
@@ -73,7 +74,7 @@ async fn serve(
     health: &Health,
     shutdown: &CancellationToken,
     ever_connected: &mut bool,
-) -> Result<(), WorkerError> {
+) -> Result<(), SessionError> {
     let link = Link::open(&settings.amqp).await?;
     *ever_connected = true;
     health.set_broker_connected(true);
@@ -123,7 +124,7 @@ fn start_stages(
 
 /// Waits for the pipeline to end: drained after shutdown, or torn down at a stage's failure. A
 /// drain that outlasts `drain_timeout` is torn down too, its jobs left to redelivery.
-async fn supervise(mut watch: Watch, shutdown: &CancellationToken, drain_timeout: Duration) -> Result<(), WorkerError> {
+async fn supervise(mut watch: Watch, shutdown: &CancellationToken, drain_timeout: Duration) -> Result<(), SessionError> {
     let drain_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(drain_timeout).await;
@@ -131,7 +132,7 @@ async fn supervise(mut watch: Watch, shutdown: &CancellationToken, drain_timeout
     let outcome = tokio::select! {
         ended = watch.ended() => match ended {
             Ok(()) if shutdown.is_cancelled() => Ok(()),
-            Ok(()) => Err(WorkerError::Ended),
+            Ok(()) => Err(SessionError::Ended),
             Err(failure) => {
                 telemetry::record_stage_failure(failure.stage);
                 Err(failure.into())
