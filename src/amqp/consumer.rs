@@ -151,9 +151,10 @@ impl Consumer {
             .filter(|q| !q.as_str().is_empty())
             .unwrap_or_else(|| ShortString::from(self.settings.amqp.results_queue.as_str()));
         let lane = feed.lane;
+        // Measured at receipt: a large body's decoding is the worker's time, not the queue's.
+        let queued_for = queue_wait(&properties);
         let decode = move || {
             let outcome = prepare(&data, &properties, received_at, &limits, &repository);
-            let queued_for = queue_wait(&properties);
             let correlation_id = properties.correlation_id().clone();
             let inbound = Inbound { acker, reply_to, correlation_id, properties, body: data };
             Decoded { lane, received_at, queued_for, delivery: flow::Delivery::new(inbound), outcome }
