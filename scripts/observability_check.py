@@ -27,8 +27,11 @@ import urllib.request
 # ---------------------------------------------------------------------------------------------
 # The documented metric list (docs/OBSERVABILITY.md). Each entry: type, label names, and whether
 # the series must exist after the check's traffic (good jobs; a non-JSON job, a job with the
-# wrong number of features and one for an unknown model). Counters of rare events (reconnects, stage failures, load failures) appear only once
-# the event happened, so they may be absent; when present their labels are still checked.
+# wrong number of features and one for an unknown model). Counters of rare events (reconnects,
+# stage failures) appear only once the event happened, so they may be absent; when present their
+# labels are still checked. The load-failure counter is exported at 0 from a model's first load;
+# it stays optional because a model none of whose versions ever loaded has it only from its first
+# failure.
 METRICS = {
     "batchscore_jobs_received_total": ("counter", {"model", "lane"}, True),
     "batchscore_jobs_completed_total": ("counter", {"model", "lane", "status"}, True),
@@ -69,17 +72,18 @@ UNKNOWN_MODEL = "obscheck_no_such_model"
 # on a healthy worker that has just scored jobs. Every entry must still parse and evaluate, and
 # must match an expression in the dashboard (a stale entry fails the check).
 ALLOWED_EMPTY = {
-    # Counts failed model loads: none on a healthy worker, so the series does not exist yet.
-    'sum by (model) (increase(batchscore_model_load_failures_total{model=~"$model"}[$__rate_interval]))',
     # Counts reconnections after a lost broker connection: none during the check.
     "sum by (instance) (increase(batchscore_broker_reconnects_total[$__rate_interval]))",
+    # Counts failed or panicked pipeline stages: none on a healthy worker, so no series yet.
+    "sum by (instance, stage) (increase(batchscore_stage_failures_total[$__rate_interval]))",
 }
 
 # Alert rules whose condition must be false for the check's healthy worker (they concern the
 # worker itself). The others watch the shared broker's default queues (scoring.jobs,
 # scoring.dlq) or traffic the check makes on purpose (bad jobs raise the error ratio); they must
 # evaluate without error, and their result is reported.
-ALERTS_MUST_BE_EMPTY = {"BatchscoreWorkerDown", "BatchscoreNoModelLoaded", "BatchscoreBrokerDisconnected"}
+ALERTS_MUST_BE_EMPTY = {"BatchscoreWorkerDown", "BatchscoreNoModelLoaded", "BatchscoreBrokerDisconnected",
+                        "BatchscoreStageFailed"}
 
 
 def fail(message):
