@@ -101,8 +101,9 @@ trap 'exit 143' TERM
 # Boots while the static checks and the build run; its watchdog stops it should this script be
 # killed without running cleanup.
 log "starting a private RabbitMQ node with the rabbitmq_prometheus plugin"
+# Its stdout repeats the state file; its messages go to rabbitmq-start.log.
 scripts/private_rabbitmq.sh start "$rabbit_state" --prometheus --name batchscore-obs --watch $$ \
-  > "$tmp/rabbitmq-start.log" 2>&1 &
+  > /dev/null 2> "$tmp/rabbitmq-start.log" &
 rabbit_starter=$!
 
 # ---------------------------------------------------------------------------- static checks
