@@ -126,7 +126,10 @@ else
 fi
 [ -x "$bin" ] || die "no worker binary at $bin"
 
-wait "$rabbit_starter" || die "the private RabbitMQ node did not start (its output follows)"
+if ! wait "$rabbit_starter"; then
+  cat "$tmp/rabbitmq-start.log" >&2 && : > "$tmp/rabbitmq-start.log"
+  die "the private RabbitMQ node did not start (above)"
+fi
 rabbit_starter=''
 # shellcheck disable=SC1090  # written by scripts/private_rabbitmq.sh
 . "$rabbit_state"

@@ -201,11 +201,15 @@ cmd_start() {
     # node's files changes owner.
     chown -R rabbitmq:rabbitmq "$dir" \
       || die "cannot hand $dir to user rabbitmq: run as root, or set TMPDIR to a directory rabbitmq can reach"
+    if [ "$(id -u)" = 0 ] && ! su rabbitmq -s /bin/sh -c 'test -w "$1"' sh "$dir" 2>/dev/null; then
+      die "user rabbitmq cannot write to $dir: set TMPDIR to a directory it can reach (e.g. /tmp)"
+    fi
     write_state
 
     # Instead of /etc/rabbitmq/rabbitmq-env.conf (which names the shared node) and the shared
-    # config and plugin files, everything comes from here. epmd and distribution stay on
-    # loopback, as the shared env file sets them.
+    # config and plugin files, everything comes from here. The node's working directory is the
+    # shared node's /var/lib/rabbitmq: a failed boot's crash dump goes here instead. epmd and
+    # distribution stay on loopback, as the shared env file sets them.
     env $(env | sed -n 's/^\(RABBITMQ_[A-Za-z0-9_]*\)=.*/-u \1/p') \
       RABBITMQ_NODENAME="$node" \
       RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
@@ -218,6 +222,7 @@ cmd_start() {
       RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
       RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
       RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
+      ERL_CRASH_DUMP="$dir/erl_crash.dump" \
       ERL_EPMD_ADDRESS=127.0.0.1 \
       ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}" \
       "$server" </dev/null >>"$dir/console.log" 2>&1 &
