@@ -107,8 +107,6 @@ def amqp_settings():
         "url": env["BATCHSCORE__AMQP__URL"],
         "jobs": env["BATCHSCORE__AMQP__JOBS_QUEUE"],
         "results": env["BATCHSCORE__AMQP__RESULTS_QUEUE"],
-        "dlq": env.get("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE"),
-        "dlx": env.get("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE"),
     }
 
 
