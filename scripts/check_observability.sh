@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Checks the observability set-up end to end against a real worker, RabbitMQ and Prometheus:
 #   1. promtool validates deploy/prometheus/*.yml and runs the alert unit tests;
-#   2. a worker (target/debug/batchscore) scores jobs on queues of its own, plus three bad jobs,
-#      and its /metrics scrape passes `promtool check metrics` and matches the documented list;
-#   3. a Prometheus built from deploy/prometheus/prometheus.yml scrapes the worker and RabbitMQ
+#   2. a worker (target/debug/batchscore) scores jobs, plus three bad jobs, on a RabbitMQ node of
+#      the check's own (scripts/private_rabbitmq.sh: own name, ports and files, with the
+#      rabbitmq_prometheus plugin enabled on that node only), and its /metrics scrape passes
+#      `promtool check metrics` and matches the documented list;
+#   3. a Prometheus built from deploy/prometheus/prometheus.yml scrapes the worker and that node
 #      every second and evaluates every expression of the Grafana dashboard and every alert
-#      rule: each must parse, and each dashboard expression must return data (except an
-#      explicit allow-list in scripts/observability_check.py).
-# Installs what is missing on Debian (prometheus, the rabbitmq_prometheus plugin, pika), removes
-# everything it starts or declares. Run from anywhere: scripts/check_observability.sh
+#      rule: each must parse, each dashboard expression must return data (except an explicit
+#      allow-list in scripts/observability_check.py), and every series an alert rule reads must
+#      exist.
+# The private node uses the default queue names (scoring.jobs, scoring.dlq, ...), the ones the
+# alert rules watch. The shared broker on 127.0.0.1:5672 is neither used nor reconfigured.
+# Installs what is missing on Debian (prometheus, pika); stops and removes everything it starts,
+# on failure and interruption too. Needs root (or user rabbitmq) for the private node.
+# Run from anywhere: scripts/check_observability.sh
 #
 # Environment:
 #   BATCHSCORE_BIN     worker binary to use instead of building target/debug/batchscore
 #   BATCHSCORE_CONFIG  settings file for the worker and submit (default settings.yaml)
-#   BATCHSCORE__AMQP__URL  broker (default amqp://guest:guest@127.0.0.1:5672/%2f)
-#   RABBITMQ_PROMETHEUS    host:port of the rabbitmq_prometheus endpoint (default 127.0.0.1:15692)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,7 +27,6 @@ started=$(date +%s)
 log() { printf '[observability] %s\n' "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
 
-rabbit=${RABBITMQ_PROMETHEUS:-127.0.0.1:15692}
 config=${BATCHSCORE_CONFIG:-settings.yaml}
 py=python3
 helper="$root/scripts/observability_check.py"
@@ -60,6 +63,49 @@ if ! $py -c 'import pika' 2>/dev/null; then
   fi
 fi
 
+# ---------------------------------------------------------------------------- run-scoped state, cleanup
+scripts/setup.sh   # ONNX Runtime library, and RabbitMQ installed (its shared broker is not used)
+
+id="obscheck.$(date +%s).$$"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/batchscore-observability.XXXXXX")
+rabbit_state="$tmp/rabbitmq.env"
+rabbit_starter=''
+worker_pid=''
+prom_pid=''
+
+cleanup() {
+  local rc=$?
+  [ -z "$prom_pid" ] || { kill -TERM "$prom_pid" 2>/dev/null || true; wait "$prom_pid" 2>/dev/null || true; }
+  [ -z "$worker_pid" ] || { kill -TERM "$worker_pid" 2>/dev/null || true; wait "$worker_pid" 2>/dev/null || true; }
+  # A start still booting stops its node itself when terminated; `stop` then finds nothing left.
+  [ -z "$rabbit_starter" ] || { kill -TERM "$rabbit_starter" 2>/dev/null || true; wait "$rabbit_starter" 2>/dev/null || true; }
+  if [ "$rc" != 0 ]; then
+    for f in rabbitmq-start.log worker.log prometheus.log; do
+      [ -s "$tmp/$f" ] && { log "last lines of $f:"; tail -n 20 "$tmp/$f" | sed 's/\x1b\[[0-9;]*m//g' >&2; }
+    done
+    if [ -n "${PRIVATE_RABBITMQ_NODE:-}" ] && [ -s "$PRIVATE_RABBITMQ_DIR/log/$PRIVATE_RABBITMQ_NODE.log" ]; then
+      log "last lines of the private RabbitMQ node's log:"
+      tail -n 20 "$PRIVATE_RABBITMQ_DIR/log/$PRIVATE_RABBITMQ_NODE.log" >&2
+    fi
+  fi
+  scripts/private_rabbitmq.sh stop "$rabbit_state" \
+    || log "could not stop the private RabbitMQ node named in $rabbit_state (stop it by its pid)"
+  rm -rf "$tmp"
+  log "finished in $(( $(date +%s) - started )) s, exit $rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------- private broker
+# Boots while the static checks and the build run; its watchdog stops it should this script be
+# killed without running cleanup.
+log "starting a private RabbitMQ node with the rabbitmq_prometheus plugin"
+# Its stdout repeats the state file; its messages go to rabbitmq-start.log.
+scripts/private_rabbitmq.sh start "$rabbit_state" --prometheus --name batchscore-obs --watch $$ \
+  > /dev/null 2> "$tmp/rabbitmq-start.log" &
+rabbit_starter=$!
+
 # ---------------------------------------------------------------------------- static checks
 log "promtool: configuration, rules, alert unit tests"
 promtool check config deploy/prometheus/prometheus.yml
@@ -69,19 +115,7 @@ promtool test rules deploy/prometheus/alerts_test.yml
 $py -c 'import json, sys; [json.load(open(p)) for p in sys.argv[1:]]' deploy/grafana/dashboards/*.json \
   || die "dashboard JSON does not parse"
 
-# ---------------------------------------------------------------------------- broker, worker binary
-scripts/setup.sh   # ONNX Runtime library and a running RabbitMQ on 127.0.0.1:5672
-if ! curl -fs -o /dev/null "http://$rabbit/metrics"; then
-  case "$rabbit" in
-    127.0.0.1:*|localhost:*) ;;
-    *) die "no rabbitmq_prometheus endpoint at $rabbit; enable the plugin on that broker" ;;
-  esac
-  log "enabling the rabbitmq_prometheus plugin"
-  rabbitmq-plugins enable rabbitmq_prometheus >/dev/null
-  for _ in $(seq 1 30); do curl -fs -o /dev/null "http://$rabbit/metrics" && break; sleep 1; done
-  curl -fsS -o /dev/null "http://$rabbit/metrics" || die "rabbitmq_prometheus does not answer on $rabbit"
-fi
-
+# ---------------------------------------------------------------------------- worker binary
 if [ -n "${BATCHSCORE_BIN:-}" ]; then
   bin=$BATCHSCORE_BIN
 else
@@ -92,37 +126,30 @@ else
 fi
 [ -x "$bin" ] || die "no worker binary at $bin"
 
-# ---------------------------------------------------------------------------- run-scoped names, cleanup
-id="obscheck.$(date +%s).$$"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/batchscore-observability.XXXXXX")
+if ! wait "$rabbit_starter"; then
+  cat "$tmp/rabbitmq-start.log" >&2 && : > "$tmp/rabbitmq-start.log"
+  die "the private RabbitMQ node did not start (above)"
+fi
+rabbit_starter=''
+# shellcheck disable=SC1090  # written by scripts/private_rabbitmq.sh
+. "$rabbit_state"
+rabbit=$PRIVATE_RABBITMQ_PROMETHEUS
+log "private RabbitMQ node $PRIVATE_RABBITMQ_NODE: AMQP on 127.0.0.1:$PRIVATE_RABBITMQ_AMQP_PORT, metrics on $rabbit"
+
+# The worker, submit and the helper's publishes all go to the private node. The queue names are
+# the defaults the alert rules watch (deploy/prometheus/alerts.yml), set here so that a settings
+# file with other names does not leave those rules without data.
+export BATCHSCORE__AMQP__URL="$PRIVATE_RABBITMQ_URL"
+export BATCHSCORE__AMQP__JOBS_QUEUE=scoring.jobs
+export BATCHSCORE__AMQP__RESULTS_QUEUE=scoring.results
+export BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE=scoring.dlx
+export BATCHSCORE__AMQP__DEAD_LETTER_QUEUE=scoring.dlq
+export BATCHSCORE__AMQP__CONNECTION_NAME="$id"
 worker_port=$($py "$helper" free-port)
 prom_port=$($py "$helper" free-port)
-export BATCHSCORE__AMQP__JOBS_QUEUE="$id.jobs"
-export BATCHSCORE__AMQP__RESULTS_QUEUE="$id.results"
-export BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE="$id.dlx"
-export BATCHSCORE__AMQP__DEAD_LETTER_QUEUE="$id.dlq"
-export BATCHSCORE__AMQP__CONNECTION_NAME="$id"
-worker_pid=''
-prom_pid=''
-
-cleanup() {
-  local rc=$?
-  [ -z "$prom_pid" ] || { kill -TERM "$prom_pid" 2>/dev/null || true; wait "$prom_pid" 2>/dev/null || true; }
-  [ -z "$worker_pid" ] || { kill -TERM "$worker_pid" 2>/dev/null || true; wait "$worker_pid" 2>/dev/null || true; }
-  $py "$helper" delete-topology 2>/dev/null || log "could not delete queues $id.* (delete them by hand)"
-  if [ "$rc" != 0 ]; then
-    for f in worker.log prometheus.log; do
-      [ -s "$tmp/$f" ] && { log "last lines of $f:"; tail -n 20 "$tmp/$f" | sed 's/\x1b\[[0-9;]*m//g' >&2; }
-    done
-  fi
-  rm -rf "$tmp"
-  log "finished in $(( $(date +%s) - started )) s, exit $rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------- worker
-log "starting a worker on queues $id.* with metrics on 127.0.0.1:$worker_port"
+log "starting a worker with metrics on 127.0.0.1:$worker_port"
 BATCHSCORE__METRICS__LISTEN="127.0.0.1:$worker_port" BATCHSCORE__LOGGING__FORMAT=text \
   "$bin" --config "$config" worker > "$tmp/worker.log" 2>&1 &
 worker_pid=$!

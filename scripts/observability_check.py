@@ -8,9 +8,9 @@ Subcommands:
   prometheus-config SRC DST ...  write a scrape config for the check, derived from SRC
   wait-prometheus URL            wait until Prometheus has scraped every target at least twice
   evaluate URL DASHBOARD         evaluate every dashboard and alert expression through Prometheus
-  delete-topology                delete the check's queues and exchange
 
-Queue names and the broker URL come from the same BATCHSCORE__AMQP__* variables the worker reads.
+Queue names and the broker URL come from the same BATCHSCORE__AMQP__* variables the worker reads;
+the check sets them to its private RabbitMQ node (scripts/private_rabbitmq.sh).
 """
 
 import json
@@ -27,8 +27,11 @@ import urllib.request
 # ---------------------------------------------------------------------------------------------
 # The documented metric list (docs/OBSERVABILITY.md). Each entry: type, label names, and whether
 # the series must exist after the check's traffic (good jobs; a non-JSON job, a job with the
-# wrong number of features and one for an unknown model). Counters of rare events (reconnects, stage failures, load failures) appear only once
-# the event happened, so they may be absent; when present their labels are still checked.
+# wrong number of features and one for an unknown model). Counters of rare events (reconnects,
+# stage failures) appear only once the event happened, so they may be absent; when present their
+# labels are still checked. The load-failure counter is exported at 0 from a model's first load;
+# it stays optional because a model none of whose versions ever loaded has it only from its first
+# failure.
 METRICS = {
     "batchscore_jobs_received_total": ("counter", {"model", "lane"}, True),
     "batchscore_jobs_completed_total": ("counter", {"model", "lane", "status"}, True),
@@ -69,17 +72,27 @@ UNKNOWN_MODEL = "obscheck_no_such_model"
 # on a healthy worker that has just scored jobs. Every entry must still parse and evaluate, and
 # must match an expression in the dashboard (a stale entry fails the check).
 ALLOWED_EMPTY = {
-    # Counts failed model loads: none on a healthy worker, so the series does not exist yet.
-    'sum by (model) (increase(batchscore_model_load_failures_total{model=~"$model"}[$__rate_interval]))',
     # Counts reconnections after a lost broker connection: none during the check.
     "sum by (instance) (increase(batchscore_broker_reconnects_total[$__rate_interval]))",
+    # Counts failed or panicked pipeline stages: none on a healthy worker, so no series yet.
+    "sum by (instance, stage) (increase(batchscore_stage_failures_total[$__rate_interval]))",
 }
 
 # Alert rules whose condition must be false for the check's healthy worker (they concern the
-# worker itself). The others watch the shared broker's default queues (scoring.jobs,
-# scoring.dlq) or traffic the check makes on purpose (bad jobs raise the error ratio); they must
-# evaluate without error, and their result is reported.
-ALERTS_MUST_BE_EMPTY = {"BatchscoreWorkerDown", "BatchscoreNoModelLoaded", "BatchscoreBrokerDisconnected"}
+# worker itself).
+ALERTS_MUST_BE_EMPTY = {"BatchscoreWorkerDown", "BatchscoreNoModelLoaded", "BatchscoreBrokerDisconnected",
+                        "BatchscoreStageFailed"}
+# Alert rules whose condition must be true after the check's traffic, and why.
+ALERTS_MUST_HOLD = {
+    "BatchscoreDeadLetterNotEmpty": "the check's bad jobs are dead-lettered into scoring.dlq, the queue it watches",
+}
+# The remaining rules watch a backlog the check does not build (BatchscoreBacklogGrowing) or
+# traffic too small to trip their guards (error ratio, latency): they must evaluate without error,
+# every series they read must exist (below), and their result is reported.
+
+# Metric families an alert rule may read although they are absent during the check: the
+# documented counters of rare events (METRICS entries not required).
+ALERT_SERIES_MAY_BE_ABSENT = {family for family, (_, _, required) in METRICS.items() if not required}
 
 
 def fail(message):
@@ -90,11 +103,10 @@ def fail(message):
 def amqp_settings():
     env = os.environ
     return {
-        "url": env.get("BATCHSCORE__AMQP__URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        # No default: the check's traffic goes to its private node, never to a shared broker.
+        "url": env["BATCHSCORE__AMQP__URL"],
         "jobs": env["BATCHSCORE__AMQP__JOBS_QUEUE"],
         "results": env["BATCHSCORE__AMQP__RESULTS_QUEUE"],
-        "dlq": env.get("BATCHSCORE__AMQP__DEAD_LETTER_QUEUE"),
-        "dlx": env.get("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE"),
     }
 
 
@@ -297,6 +309,8 @@ def wait_prometheus(base):
 
 
 # ------------------------------------------------------------------------------------- evaluate
+# Vector selectors of the project's and RabbitMQ's metrics (and `up`) in an alert expression.
+ALERT_SELECTOR = re.compile(r'\b(?:(?:batchscore|rabbitmq)_[A-Za-z0-9_:]*|up)\b(?:\{[^}]*\})?')
 VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -407,8 +421,26 @@ def evaluate(base, dashboard_path):
             rows.append(("ERROR", f"alert {name}", rule["query"]))
             continue
         count, sample, _ = describe(result)
+        # RabbitMQ refreshes its queue metrics every few seconds (collect_statistics_interval):
+        # wait, bounded, for the dead-lettered jobs to show.
+        deadline = time.monotonic() + 20
+        while not count and name in ALERTS_MUST_HOLD and time.monotonic() < deadline:
+            time.sleep(0.5)
+            result = api(base, "/api/v1/query", query=rule["query"])
+            count, sample, _ = describe(result) if result.get("status") == "success" else (0, "", False)
         if count and name in ALERTS_MUST_BE_EMPTY:
             failures.append(f"[alert {name}] condition is true for the healthy check worker: {result['data']['result']}")
+        if not count and name in ALERTS_MUST_HOLD:
+            failures.append(f"[alert {name}] condition is false, but {ALERTS_MUST_HOLD[name]}: {rule['query']}")
+        # A rule reading a series that does not exist (a misspelt metric, label or queue name)
+        # would never fire: each selector must match series now.
+        for selector in sorted(set(m.group(0) for m in ALERT_SELECTOR.finditer(rule["query"]))):
+            family = re.sub(r"_(bucket|sum|count)$", "", selector.split("{")[0])
+            if family in ALERT_SERIES_MAY_BE_ABSENT:
+                continue
+            found = api(base, "/api/v1/query", query=f"count({selector})")
+            if found.get("status") != "success" or not found["data"]["result"]:
+                failures.append(f"[alert {name}] reads {selector}, which matches no series")
         state = "condition false" if count == 0 else f"condition true for {count} series"
         rows.append((f"{state} (state {rule.get('state')})", f"alert {name}", " ".join(rule["query"].split())))
 
@@ -430,28 +462,6 @@ def evaluate(base, dashboard_path):
         sys.exit(1)
 
 
-# ------------------------------------------------------------------------------ delete-topology
-def delete_topology():
-    import pika
-
-    amqp = amqp_settings()
-    connection = pika.BlockingConnection(pika.URLParameters(amqp["url"]))
-    for queue in (amqp["jobs"], amqp["results"], amqp["dlq"]):
-        if queue:
-            channel = connection.channel()
-            try:
-                channel.queue_delete(queue)
-            except pika.exceptions.ChannelClosedByBroker:
-                pass
-    if amqp["dlx"]:
-        channel = connection.channel()
-        try:
-            channel.exchange_delete(amqp["dlx"])
-        except pika.exceptions.ChannelClosedByBroker:
-            pass
-    connection.close()
-
-
 def main(argv):
     if not argv:
         fail(__doc__)
@@ -463,7 +473,6 @@ def main(argv):
         "prometheus-config": prometheus_config,
         "wait-prometheus": wait_prometheus,
         "evaluate": evaluate,
-        "delete-topology": delete_topology,
     }
     if command not in commands:
         fail(f"unknown subcommand {command}\n{__doc__}")
