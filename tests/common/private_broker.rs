@@ -155,6 +155,9 @@ impl PrivateBroker {
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            // The Debian wrapper runs the node from the shared node's home: a failed boot would
+            // leave its crash dump there.
+            .env("ERL_CRASH_DUMP", dir.join("erl_crash.dump"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
