@@ -124,7 +124,11 @@ fn start_stages(
 
 /// Waits for the pipeline to end: drained after shutdown, or torn down at a stage's failure. A
 /// drain that outlasts `drain_timeout` is torn down too, its jobs left to redelivery.
-async fn supervise(mut watch: Watch, shutdown: &CancellationToken, drain_timeout: Duration) -> Result<(), SessionError> {
+async fn supervise(
+    mut watch: Watch,
+    shutdown: &CancellationToken,
+    drain_timeout: Duration,
+) -> Result<(), SessionError> {
     let drain_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(drain_timeout).await;

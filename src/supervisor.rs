@@ -59,18 +59,22 @@ impl Supervisor {
         self.tracker.spawn(async move {
             // Unwind safety: a stage that panicked is never polled again, and the teardown that
             // follows drops everything it shared with the other stages.
+            let mut task = std::pin::pin!(AssertUnwindSafe(task).catch_unwind());
             let ended = tokio::select! {
+                biased;
                 _ = teardown.cancelled() => return,
-                ended = AssertUnwindSafe(task).catch_unwind() => ended,
+                ended = &mut task => ended,
             };
             let cause = match ended {
                 Ok(Ok(())) => return,
                 Ok(Err(error)) => format!("failed: {error}"),
                 Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
             };
-            // The watch may be gone already when the pipeline is being torn down.
+            // Reported before the stage's channels close (when `task` is dropped, below): the
+            // stages next to it then find them closed, but this failure is already the first.
             let _ = failures.send(StageFailure { stage, cause });
             teardown.cancel();
+            drop(task);
         });
     }
 
@@ -137,6 +141,28 @@ mod tests {
         assert_eq!(failure, Err(StageFailure { stage: "result", cause: "panicked: injected".into() }));
         assert!(supervisor.is_torn_down());
         tokio::time::timeout(PATIENCE, watch.tracker.wait()).await.expect("the waiting stage was torn down");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_failure_reported_is_the_cause_not_the_stages_that_lose_it() {
+        for round in 0..50 {
+            let (supervisor, mut watch) = Supervisor::new();
+            let (to_result, mut scored) = mpsc::channel::<u32>(1);
+            supervisor.spawn("result", async move {
+                scored.recv().await;
+                panic!("injected");
+                #[allow(unreachable_code)]
+                Ok::<(), String>(())
+            });
+            supervisor.spawn("inference", async move {
+                for batch in 0_u32.. {
+                    to_result.send(batch).await.map_err(|_| "lost the result stage".to_string())?;
+                }
+                Ok::<(), String>(())
+            });
+            let failure = tokio::time::timeout(PATIENCE, watch.ended()).await.expect("reported");
+            assert_eq!(failure.map_err(|f| f.stage), Err("result"), "round {round}");
+        }
     }
 
     #[tokio::test]
