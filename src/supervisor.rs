@@ -70,11 +70,11 @@ impl Supervisor {
                 Ok(Err(error)) => format!("failed: {error}"),
                 Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
             };
-            // Reported before the stage's channels close (when `task` is dropped, below): the
-            // stages next to it then find them closed, but this failure is already the first.
+            // Reported before the stage's channels close (`task` is dropped at the end of this
+            // block): the stages next to it then find them closed, but this failure is already
+            // the first, and the teardown stops them before they report theirs.
             let _ = failures.send(StageFailure { stage, cause });
             teardown.cancel();
-            drop(task);
         });
     }
 
