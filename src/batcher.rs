@@ -21,7 +21,7 @@ use crate::flow::{epoch_ms, Batch, CloseReason, Job, Lane, Rejection, ScoredBatc
 use crate::infer;
 use crate::lanes;
 use crate::settings::BatchingSettings;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Gone, Supervisor};
 
 /// Jobs waiting for a batch, in arrival order, with how far each has been taken.
 #[derive(Debug, Default)]
@@ -115,7 +115,7 @@ pub async fn run(
     mut jobs: mpsc::Receiver<Job>,
     scored: mpsc::Sender<ScoredBatch>,
     runs: Supervisor,
-) -> Result<(), Closed> {
+) -> Result<(), Gone> {
     let profile = |lane| match lane {
         Lane::Online => (model.batching.max_batch_rows, Duration::from_millis(model.batching.max_delay_ms)),
         Lane::Bulk => (bulk.max_batch_rows.max(1), Duration::from_millis(bulk.max_delay_ms)),
@@ -171,13 +171,8 @@ pub async fn run(
     Ok(())
 }
 
-/// The result stage stopped before this batcher: the pipeline is being torn down.
-#[derive(Debug, thiserror::Error)]
-#[error("lost the result stage")]
-pub struct Closed;
-
 /// Queues `job` for a batch, unless its deadline has passed: then it is answered `expired`.
-async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>) -> Result<(), Closed> {
+async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>) -> Result<(), Gone> {
     let now_ms = epoch_ms();
     match job.meta.deadline_ms {
         Some(deadline) if deadline < now_ms => {
@@ -187,7 +182,7 @@ async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>
                 now_ms - deadline
             ));
             let segment = Segment { job: job.meta, job_offset: 0, batch_offset: 0, rows };
-            scored.send(ScoredBatch::failed(vec![segment], rejection)).await.map_err(|_| Closed)
+            scored.send(ScoredBatch::failed(vec![segment], rejection)).await.map_err(|_| Gone)
         }
         _ => {
             pending.get(job.meta.lane).push(job);
@@ -196,8 +191,8 @@ async fn admit(job: Job, pending: &mut Lanes, scored: &mpsc::Sender<ScoredBatch>
     }
 }
 
-async fn fail(batch: Batch, error: InferenceError, scored: &mpsc::Sender<ScoredBatch>) -> Result<(), Closed> {
-    scored.send(ScoredBatch::failed(batch.segments, error.into())).await.map_err(|_| Closed)
+async fn fail(batch: Batch, error: InferenceError, scored: &mpsc::Sender<ScoredBatch>) -> Result<(), Gone> {
+    scored.send(ScoredBatch::failed(batch.segments, error.into())).await.map_err(|_| Gone)
 }
 
 /// One batcher per served model version, kept in step with the repository snapshot. Batchers and

@@ -12,13 +12,8 @@ use tokio::sync::mpsc;
 use crate::engine::{Column, InferenceError, ModelVersion, PooledSession};
 use crate::faults;
 use crate::flow::{Batch, Rejection, ScoredBatch, Segment};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Gone, Supervisor};
 use crate::telemetry;
-
-/// The result stage stopped before this run delivered: the pipeline is being torn down.
-#[derive(Debug, thiserror::Error)]
-#[error("lost the result stage")]
-pub struct Closed;
 
 /// Starts the run as a stage of `runs`; the session returns to the pool when the run ends.
 pub fn spawn(
@@ -36,7 +31,7 @@ async fn run(
     mut session: PooledSession,
     batch: Batch,
     scored: mpsc::Sender<ScoredBatch>,
-) -> Result<(), Closed> {
+) -> Result<(), Gone> {
     let started_at = Instant::now();
     let (name, version, rows, jobs, closed_by) =
         (model.name.clone(), model.version, batch.rows, batch.segments.len(), batch.closed_by);
@@ -64,7 +59,7 @@ async fn run(
     telemetry::record_batch(&name, version, rows, jobs, closed_by.as_str(), inference_time);
     for (segments, outcome) in parts {
         let scored_batch = ScoredBatch { segments, outcome, started_at, inference_time };
-        scored.send(scored_batch).await.map_err(|_| Closed)?;
+        scored.send(scored_batch).await.map_err(|_| Gone)?;
     }
     Ok(())
 }

@@ -12,15 +12,11 @@ use crate::encode::{encode_error, encode_ok, Timing};
 use crate::engine::Column;
 use crate::faults;
 use crate::flow::{Completion, JobMeta, Outgoing, Rejected, Rejection, ScoredBatch, Segment};
+use crate::supervisor::Gone;
 use crate::telemetry;
 
-/// The publisher stopped before this stage: the pipeline is being torn down.
-#[derive(Debug, thiserror::Error)]
-#[error("lost the publisher")]
-pub struct Closed;
-
 /// Consumes scored batches until every batcher and run has finished.
-pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<Outgoing>) -> Result<(), Closed> {
+pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<Outgoing>) -> Result<(), Gone> {
     let mut reassembly = Reassembly::default();
     while let Some(batch) = scored.recv().await {
         if faults::RESULT_STAGE.trip() {
@@ -28,7 +24,7 @@ pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<
         }
         for segment in &batch.segments {
             let Some(outcome) = reassembly.add(segment, &batch) else { continue };
-            publish.send(answer(&segment.job, outcome)).await.map_err(|_| Closed)?;
+            publish.send(answer(&segment.job, outcome)).await.map_err(|_| Gone)?;
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! Owns every task of one connection's pipeline. Stages are spawned through a [`Supervisor`];
 //! a stage that returns an error or panics is reported to the [`Watch`] and tears every other
 //! stage down, so the pipeline is rebuilt instead of stalling with a stage missing. A stage that
-//! returns `Ok` has drained: the pipeline is done once every stage has.
+//! returns `Ok` has drained: the pipeline is done once every stage has. A stage that stops
+//! because a neighbouring stage is gone returns [`Gone`], which is not reported: the neighbour
+//! reports its own end, and it alone is the cause.
 
 use std::fmt;
 use std::future::Future;
@@ -19,6 +21,11 @@ pub struct StageFailure {
     pub stage: &'static str,
     pub cause: String,
 }
+
+/// A stage stopped because the stage it feeds (or is fed by) is gone: not a failure of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a neighbouring stage is gone")]
+pub struct Gone;
 
 /// Spawns the stages of one pipeline; cheap to clone into the stages that spawn others.
 #[derive(Clone)]
@@ -53,26 +60,24 @@ impl Supervisor {
     pub fn spawn<F, E>(&self, stage: &'static str, task: F)
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
-        E: fmt::Display,
+        E: fmt::Display + 'static,
     {
         let (teardown, failures) = (self.teardown.clone(), self.failures.clone());
         self.tracker.spawn(async move {
             // Unwind safety: a stage that panicked is never polled again, and the teardown that
             // follows drops everything it shared with the other stages.
-            let mut task = std::pin::pin!(AssertUnwindSafe(task).catch_unwind());
             let ended = tokio::select! {
                 biased;
                 _ = teardown.cancelled() => return,
-                ended = &mut task => ended,
+                ended = AssertUnwindSafe(task).catch_unwind() => ended,
             };
             let cause = match ended {
                 Ok(Ok(())) => return,
+                // The neighbour's own report (or the teardown it caused) says why.
+                Ok(Err(error)) if (&error as &dyn std::any::Any).is::<Gone>() => return,
                 Ok(Err(error)) => format!("failed: {error}"),
                 Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
             };
-            // Reported before the stage's channels close (`task` is dropped at the end of this
-            // block): the stages next to it then find them closed, but this failure is already
-            // the first, and the teardown stops them before they report theirs.
             let _ = failures.send(StageFailure { stage, cause });
             teardown.cancel();
         });
@@ -150,9 +155,9 @@ mod tests {
             });
             supervisor.spawn("inference", async move {
                 for batch in 0_u32.. {
-                    to_result.send(batch).await.map_err(|_| "lost the result stage".to_string())?;
+                    to_result.send(batch).await.map_err(|_| Gone)?;
                 }
-                Ok::<(), String>(())
+                Ok::<(), Gone>(())
             });
             let failure = tokio::time::timeout(PATIENCE, watch.ended()).await.expect("reported");
             assert_eq!(failure.map_err(|f| f.stage), Err("result"), "round {round}");
@@ -165,6 +170,15 @@ mod tests {
         supervisor.spawn("publisher", async { Err("channel closed") });
         let failure = tokio::time::timeout(PATIENCE, watch.ended()).await.expect("the failure is reported");
         assert_eq!(failure.unwrap_err().to_string(), "the publisher stage failed: channel closed");
+    }
+
+    #[tokio::test]
+    async fn a_stage_that_lost_its_neighbour_is_not_a_failure() {
+        let (supervisor, mut watch) = Supervisor::new();
+        supervisor.spawn("inference", async { Err(Gone) });
+        drop(supervisor);
+        let ended = tokio::time::timeout(PATIENCE, watch.ended()).await.expect("the pipeline ends");
+        assert_eq!(ended, Ok(()));
     }
 
     #[tokio::test]
