@@ -279,6 +279,13 @@ pub struct Completion {
     pub since: Instant,
 }
 
+impl Completion {
+    /// When a job received at `received_at` after `queued_for` in the broker was published.
+    pub fn published_at(received_at: Instant, queued_for: Duration) -> Instant {
+        received_at.checked_sub(queued_for).unwrap_or(received_at)
+    }
+}
+
 /// Now in epoch milliseconds, the unit of job deadlines.
 pub fn epoch_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

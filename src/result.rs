@@ -124,7 +124,7 @@ fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
             lane: job.lane,
             status,
             rows: job.rows,
-            since: job.received_at.checked_sub(job.queued_for).unwrap_or(job.received_at),
+            since: Completion::published_at(job.received_at, job.queued_for),
         },
     }
 }

@@ -209,7 +209,7 @@ impl Consumer {
                 telemetry::record_job_received(model, lane.as_str(), queued_for);
                 telemetry::record_job_error(error.reason.code().as_str());
                 telemetry::record_inflight(1.0, 0.0);
-                let since = received_at.checked_sub(queued_for.unwrap_or_default()).unwrap_or(received_at);
+                let since = Completion::published_at(received_at, queued_for.unwrap_or_default());
                 let outgoing = Outgoing {
                     delivery,
                     job_id: error.job_id.clone(),
