@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 
 use crate::amqp::client::JobClient;
+use crate::amqp::redact;
 use crate::settings::Settings;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -30,7 +31,7 @@ pub struct SubmitArgs {
     /// Rows per job.
     #[arg(long, default_value_t = 1000)]
     pub chunk_rows: usize,
-    /// Give up when results have not all arrived after this many seconds.
+    /// Give up when connecting, publishing and collecting every result take longer than this.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
 }
@@ -74,43 +75,69 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
         bail!("{} holds no rows", args.input.display());
     }
     let started = Instant::now();
-    let mut client = JobClient::connect(&settings.amqp).await?;
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let chunks: Vec<&[String]> = input.items.chunks(args.chunk_rows).collect();
-    let jobs = chunks.iter().enumerate().map(|(index, chunk)| {
-        let job_id = format!("{run_id}-{index}");
-        let body = job_body(&job_id, args, input.field, chunk);
-        (job_id, body)
-    });
-    if !client.publish_all(jobs).await? {
-        bail!("the broker refused a job; nothing was scored reliably, submit again");
-    }
-    let collected = collect(&mut client, &run_id, chunks.len(), args, &settings.amqp.jobs_queue).await;
-    client.close().await;
-    let ordered = collected?;
+    let ordered = exchange(settings, args, input.field, &chunks).await?;
     let elapsed = started.elapsed();
     check_all_ok(&ordered, &chunks, args.chunk_rows)?;
     write_output(&args.output, &ordered)?;
     Ok(Summary { rows: input.items.len(), jobs: chunks.len(), elapsed, output: args.output.clone() })
 }
 
-/// The results of jobs `0..jobs` of this run, in job order, within `--timeout-s`.
+/// Connects, publishes one job per chunk and collects their results in job order, all within
+/// `--timeout-s`: a broker that blocks publishers (a memory or disk alarm) holds publishing and its
+/// confirms for as long as the alarm lasts.
+async fn exchange(
+    settings: &Settings,
+    args: &SubmitArgs,
+    field: &str,
+    chunks: &[&[String]],
+) -> anyhow::Result<Vec<Value>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
+    let url = redact(&settings.amqp.url);
+    let mut client = tokio::time::timeout_at(deadline, JobClient::connect(&settings.amqp)).await.map_err(|_| {
+        anyhow!("the broker at {url} did not open a connection within {} s (--timeout-s)", args.timeout_s)
+    })??;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let jobs = chunks.iter().enumerate().map(|(index, chunk)| {
+        let job_id = format!("{run_id}-{index}");
+        (job_id.clone(), job_body(&job_id, args, field, chunk))
+    });
+    let mut results = HashMap::with_capacity(chunks.len());
+    let exchanged = async {
+        if !client.publish_all(jobs).await? {
+            bail!("the broker refused a job; nothing was scored reliably, submit again");
+        }
+        collect(&mut client, &run_id, chunks.len(), &mut results).await
+    };
+    let outcome = tokio::time::timeout_at(deadline, exchanged).await;
+    let blocked = client.blocked();
+    client.close().await;
+    match outcome {
+        Ok(done) => done.map(|()| (0..chunks.len()).map(|i| results.remove(&i).unwrap_or(Value::Null)).collect()),
+        Err(_) if blocked => bail!(
+            "the broker at {url} blocked publishing for {} s (--timeout-s): it raised a resource alarm, short of \
+             memory or disk (`rabbitmq-diagnostics alarms` names it). Free memory or disk on the broker, then submit again",
+            args.timeout_s
+        ),
+        Err(_) => bail!(
+            "{} of {} results arrived within {} s (--timeout-s); is a worker consuming {}?",
+            results.len(),
+            chunks.len(),
+            args.timeout_s,
+            settings.amqp.jobs_queue
+        ),
+    }
+}
+
+/// Collects the results of jobs `0..jobs` of this run into `results`, by job index.
 async fn collect(
     client: &mut JobClient,
     run_id: &str,
     jobs: usize,
-    args: &SubmitArgs,
-    jobs_queue: &str,
-) -> anyhow::Result<Vec<Value>> {
-    let mut results: HashMap<usize, Value> = HashMap::with_capacity(jobs);
-    let deadline = tokio::time::sleep(Duration::from_secs(args.timeout_s));
-    tokio::pin!(deadline);
+    results: &mut HashMap<usize, Value>,
+) -> anyhow::Result<()> {
     while results.len() < jobs {
-        let body = tokio::select! {
-            _ = &mut deadline => bail!("{} of {jobs} results arrived within {} s (--timeout-s); is a worker consuming {jobs_queue}?",
-                results.len(), args.timeout_s),
-            body = client.next_result() => body?.ok_or_else(|| anyhow!("the reply queue closed"))?,
-        };
+        let body = client.next_result().await?.ok_or_else(|| anyhow!("the reply queue closed"))?;
         let body: Value = serde_json::from_slice(&body).context("a result is not JSON")?;
         let index = body["job_id"]
             .as_str()
@@ -122,7 +149,7 @@ async fn collect(
             results.entry(index).or_insert(body);
         }
     }
-    Ok((0..jobs).map(|i| results.remove(&i).unwrap_or(Value::Null)).collect())
+    Ok(())
 }
 
 /// Fails naming the input rows of every job that was not scored.

@@ -3,16 +3,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{expected, fixtures_repository, TestWorker};
+use common::{expected, fixtures_repository, run_bounded, TestWorker};
 
 /// Longest a `worker` that is expected to refuse start-up may run: loading the fixture models
 /// takes a few seconds on a busy machine.
 const START_UP_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Longest any other command may run, `submit` included: a hung command fails its test instead
+/// of stalling the suite.
+const COMMAND_PATIENCE: Duration = Duration::from_secs(180);
 
 fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_batchscore"));
@@ -24,13 +28,17 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     command
 }
 
-fn batchscore(args: &[&str], env: &[(&str, &str)]) -> Output {
-    command(args, env).output().expect("batchscore runs")
+/// Runs `batchscore` to its end; one still running after `patience` is killed and fails the test.
+fn batchscore_within(args: &[&str], env: &[(&str, &str)], patience: Duration) -> Output {
+    run_bounded(command(args, env), patience).unwrap_or_else(|error| panic!("batchscore {}: {error}", args.join(" ")))
 }
 
-/// Runs `batchscore worker` expecting it to exit on its own; one that is still running after
-/// [`START_UP_PATIENCE`] is killed and fails the test. It never reaches the shared broker: its
-/// AMQP URL points at a closed port and its queue names are unique.
+fn batchscore(args: &[&str], env: &[(&str, &str)]) -> Output {
+    batchscore_within(args, env, COMMAND_PATIENCE)
+}
+
+/// Runs `batchscore worker` expecting it to refuse start-up and exit on its own. It never reaches
+/// the shared broker: its AMQP URL points at a closed port and its queue names are unique.
 fn worker_expected_to_exit(env: &[(&str, &str)]) -> Output {
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let queue = format!("test.cli.{}.jobs", &unique[..8]);
@@ -43,38 +51,7 @@ fn worker_expected_to_exit(env: &[(&str, &str)]) -> Output {
         ("BATCHSCORE__METRICS__LISTEN", "127.0.0.1:0"),
     ];
     full_env.extend_from_slice(env);
-    let mut child = command(&["worker"], &full_env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("batchscore worker starts");
-    // Read both pipes while waiting, so a chatty worker cannot block on a full pipe.
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("stdout piped")));
-    let stderr = drain(Box::new(child.stderr.take().expect("stderr piped")));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("worker status") {
-            break status;
-        }
-        if started.elapsed() > START_UP_PATIENCE {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = String::from_utf8_lossy(&stderr.join().expect("stderr read")).into_owned();
-            panic!(
-                "the worker was still running after {START_UP_PATIENCE:?}; it should have refused to start:\n{stderr}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output { status, stdout: stdout.join().expect("stdout read"), stderr: stderr.join().expect("stderr read") }
+    batchscore_within(&["worker"], &full_env, START_UP_PATIENCE)
 }
 
 fn stderr(output: &Output) -> String {
@@ -313,11 +290,12 @@ async fn submit_writes_results_in_input_order() {
         .map(|row| row.as_array().unwrap().iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","));
     std::fs::write(&input, std::iter::once(header).chain(rows).collect::<Vec<_>>().join("\n")).expect("input written");
 
-    let args: Vec<String> = ["submit", "--model", "linear", "--model-version", "1", "--chunk-rows", "5", "--input"]
-        .into_iter()
-        .map(String::from)
-        .chain([input.display().to_string(), "--output".into(), output.display().to_string()])
-        .collect();
+    let args: Vec<String> =
+        ["submit", "--model", "linear", "--model-version", "1", "--chunk-rows", "5", "--timeout-s", "120", "--input"]
+            .into_iter()
+            .map(String::from)
+            .chain([input.display().to_string(), "--output".into(), output.display().to_string()])
+            .collect();
     let queue = worker.settings.amqp.jobs_queue.clone();
     let run = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -1,6 +1,8 @@
 //! A client's side of the job queue, for `batchscore submit`: publishes jobs with confirms on a
 //! private, exclusive reply queue and hands back the results as they arrive.
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
@@ -9,6 +11,9 @@ use lapin::{BasicProperties, Channel, Connection};
 use super::AmqpError;
 use crate::flow::epoch_ms;
 use crate::settings::AmqpSettings;
+
+/// Longest `close` waits for the broker to acknowledge it.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A connection with a reply queue of its own; the queue goes when the client does.
 pub struct JobClient {
@@ -61,7 +66,15 @@ impl JobClient {
         }
     }
 
+    /// The broker has blocked this connection's publishing: it raised a memory or disk alarm.
+    pub fn blocked(&self) -> bool {
+        self.connection.status().blocked()
+    }
+
+    /// Closes the connection; the reply queue goes with it. A blocked connection cannot send
+    /// its close, so the wait is bounded and the socket simply dropped after it.
     pub async fn close(self) {
-        let _ = self.connection.close(200, "submit done".into()).await;
+        let closing = self.connection.close(200, "submit done".into());
+        let _ = tokio::time::timeout(CLOSE_PATIENCE, closing).await;
     }
 }

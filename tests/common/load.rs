@@ -48,26 +48,35 @@ pub async fn publish_jobs_at(url: &str, jobs_queue: &str, reply_queue: &str, n: 
     let connection = connect_to(url).await;
     let channel = connection.create_channel().await.expect("channel");
     channel.confirm_select(Default::default()).await.expect("confirms");
-    let mut confirms = Vec::with_capacity(n);
-    for i in 0..n {
-        let body = serde_json::to_vec(
-            &json!({"job_id": format!("job-{i}"), "model": "linear", "model_version": "1", "rows": [rows[i % 64]]}),
-        )
-        .expect("job serialises");
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_reply_to(reply_queue.into());
-        let confirm = channel
-            .basic_publish("".into(), jobs_queue.into(), BasicPublishOptions::default(), &body, properties)
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    for confirm in confirms {
-        assert!(confirm.await.expect("confirm").is_ack(), "broker refused a job");
-    }
+    let published = async {
+        let mut confirms = Vec::with_capacity(n);
+        for i in 0..n {
+            let body = serde_json::to_vec(
+                &json!({"job_id": format!("job-{i}"), "model": "linear", "model_version": "1", "rows": [rows[i % 64]]}),
+            )
+            .expect("job serialises");
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_reply_to(reply_queue.into());
+            let confirm = channel
+                .basic_publish("".into(), jobs_queue.into(), BasicPublishOptions::default(), &body, properties)
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.expect("confirm").is_ack(), "broker refused a job");
+        }
+    };
+    // A broker that blocks publishers (a resource alarm) never confirms: fail instead of hanging.
+    tokio::time::timeout(CONFIRM_PATIENCE, published)
+        .await
+        .unwrap_or_else(|_| panic!("the broker did not confirm {n} jobs within {CONFIRM_PATIENCE:?}"));
 }
+
+/// Longest the broker may take to confirm a whole load, 20,000 persistent jobs on a busy machine.
+const CONFIRM_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Messages waiting in `queue` (0 when it cannot be asked, e.g. while the broker restarts).
 pub async fn depth(queue: &str) -> u32 {

@@ -6,6 +6,8 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use batchscore::settings::Settings;
@@ -180,8 +182,9 @@ pub async fn connect() -> Connection {
 }
 
 pub async fn connect_to(url: &str) -> Connection {
-    Connection::connect(url, ConnectionProperties::default())
+    tokio::time::timeout(BROKER_PATIENCE, Connection::connect(url, ConnectionProperties::default()))
         .await
+        .unwrap_or_else(|_| panic!("RabbitMQ at {url} did not open a connection within {BROKER_PATIENCE:?}"))
         .unwrap_or_else(|e| panic!("RabbitMQ does not answer at {url} ({e}): start it with scripts/setup.sh"))
 }
 
@@ -382,4 +385,34 @@ pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             wanted.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// Runs a command to its end with a deadline, reading both its pipes meanwhile (a chatty command
+/// cannot fill one and stall). One still running at the deadline is killed, and the error holds
+/// what it had written to stderr.
+pub fn run_bounded(mut command: Command, patience: Duration) -> Result<Output, String> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", command.get_program()))?;
+    let pid = child.id();
+    let (done, outcome) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let output = match outcome.recv_timeout(patience) {
+        Ok(output) => return output.map_err(|e| format!("could not be waited for: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            // A grandchild could hold the pipes open: do not wait on them for long.
+            outcome.recv_timeout(Duration::from_secs(5))
+        }
+    };
+    let stderr = match output {
+        Ok(Ok(output)) => String::from_utf8_lossy(&output.stderr).into_owned(),
+        _ => String::new(),
+    };
+    Err(format!("did not finish within {patience:?} and was killed; its stderr:\n{stderr}"))
 }

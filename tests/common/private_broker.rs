@@ -13,11 +13,12 @@ use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
+
+use super::run_bounded;
 
 /// Longest a node may take to boot. A cold boot takes 15-20 s on a busy 2-core machine.
 const BOOT_PATIENCE: Duration = Duration::from_secs(120);
@@ -123,7 +124,7 @@ impl PrivateBroker {
                 String::from_utf8_lossy(&output.stderr),
                 self.dir.join("log").display()
             ),
-            Err(error) => panic!("`{shown}` {error}"),
+            Err(error) => panic!("`{shown}` {error}; install RabbitMQ (scripts/setup.sh) so that it is on PATH"),
         }
     }
 
@@ -244,7 +245,10 @@ impl PrivateBroker {
                 )))
             }
             Err(error) => {
-                return Err(BootFailure::Fatal(format!("rabbitmqctl -n {} await_startup {error}", self.node)))
+                return Err(BootFailure::Fatal(format!(
+                "rabbitmqctl -n {} await_startup {error}; install RabbitMQ (scripts/setup.sh) so that it is on PATH",
+                self.node
+            )))
             }
         }
         let connection = Connection::connect(&self.url(), ConnectionProperties::default()).await.map_err(|e| {
@@ -327,30 +331,6 @@ fn ctl_command(node: &str, args: &[&str]) -> Command {
     let mut command = Command::new("rabbitmqctl");
     command.arg("-n").arg(node).args(args);
     command
-}
-
-/// Runs a command with a deadline. On expiry the command is killed and an error returned.
-fn run_bounded(mut command: Command, patience: Duration) -> Result<Output, String> {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run ({e}): install RabbitMQ (scripts/setup.sh) so that it is on PATH"))?;
-    let pid = child.id();
-    let (done, outcome) = mpsc::channel();
-    // wait_with_output reads both pipes while waiting, so a chatty command cannot fill one and
-    // stall; the thread gives the wait a deadline.
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    match outcome.recv_timeout(patience) {
-        Ok(output) => output.map_err(|e| format!("could not be waited for: {e}")),
-        Err(_) => {
-            kill(pid);
-            Err(format!("did not finish within {patience:?}"))
-        }
-    }
 }
 
 /// Two distinct free loopback ports, neither reserved. Both listeners are held while the second
