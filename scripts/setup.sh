@@ -48,5 +48,20 @@ start_rabbitmq() {
   log "RabbitMQ did not open 127.0.0.1:5672"; exit 1
 }
 
+# A broker under a memory or disk alarm blocks every publisher: the worker, `submit` and the tests
+# would wait on it. Say so now, with the fix, rather than later as a timeout.
+check_alarms() {
+  command -v rabbitmq-diagnostics >/dev/null 2>&1 || return 0
+  local report
+  report=$(rabbitmq-diagnostics -q check_alarms 2>&1) && return 0
+  case "$report" in
+    *"alarm on node"*)
+      log "the broker on 127.0.0.1:5672 blocks publishers: $report"
+      log "free disk space or memory on its machine (its limits: rabbitmq-diagnostics status), then run this again"
+      exit 1 ;;
+  esac
+}
+
 install_onnxruntime
 start_rabbitmq
+check_alarms
