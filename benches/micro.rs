@@ -151,6 +151,7 @@ impl Fixture {
             protocol: Protocol::Native,
             delivery: Delivery::new(()),
             charge: RowBudget::new(usize::MAX).charge(rows),
+            explain: None,
         })
     }
 
@@ -216,7 +217,7 @@ fn result_encoding(c: &mut Criterion, fixture: &Fixture, samples: &Samples) {
             b.iter(|| {
                 let mut bytes = 0;
                 for (meta, start) in &jobs {
-                    bytes += encode::encode_ok(meta, black_box(&columns), *start, timing).expect("encodes").len();
+                    bytes += encode::encode_ok(meta, black_box(&columns), *start, timing, None).expect("encodes").len();
                 }
                 bytes
             });

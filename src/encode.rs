@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::engine::outputs::ColumnData;
 use crate::engine::Column;
+use crate::explain::{Explainer, Explanation};
 use crate::flow::{ErrorCode, JobMeta, Protocol, Rejected, Rejection};
 use crate::telemetry;
 
@@ -37,6 +38,8 @@ struct OkBody<'a> {
     model_sha256: &'a str,
     rows: usize,
     outputs: Outputs<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    explanations: Option<Explained<'a>>,
     timing_ms: Timing,
 }
 
@@ -57,8 +60,16 @@ impl Serialize for Outputs<'_> {
     }
 }
 
-/// The ok result of `job`, whose rows start at `start` in `columns`.
-pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: Timing) -> Result<Vec<u8>, Rejection> {
+/// The ok result of `job`, whose rows start at `start` in `columns`, with its rows' explanations
+/// when it asked for them.
+pub fn encode_ok(
+    job: &Arc<JobMeta>,
+    columns: &[Column],
+    start: usize,
+    timing: Timing,
+    explanations: Option<&[Explanation]>,
+) -> Result<Vec<u8>, Rejection> {
+    let explained = Explained::of(job, explanations);
     let encoded = match job.protocol {
         Protocol::Native => serde_json::to_vec(&OkBody {
             job_id: &job.job_id,
@@ -66,8 +77,9 @@ pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: T
             model: &job.model.name,
             model_version: job.model.version.to_string(),
             model_sha256: &job.model.sha256,
-            rows: job.rows,
-            outputs: Outputs { columns, start, rows: job.rows },
+            rows: job.answered_rows(),
+            outputs: Outputs { columns, start, rows: job.answered_rows() },
+            explanations: explained,
             timing_ms: timing,
         }),
         Protocol::OpenInference => serde_json::to_vec(&InferenceOkBody {
@@ -81,7 +93,7 @@ pub fn encode_ok(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: T
                 inference_ms: timing.inference,
                 total_ms: timing.total,
             },
-            outputs: OutputTensors { columns, start, rows: job.rows },
+            outputs: OutputTensors { columns, start, rows: job.answered_rows(), explained },
         }),
     };
     encoded.map_err(|e| Rejection::Internal(format!("cannot encode the result: {e}")))
@@ -107,21 +119,131 @@ struct InferenceOkParameters<'a> {
     total_ms: f64,
 }
 
-/// The job's rows of every published output as protocol tensors, in model order.
+/// The job's rows of every published output as protocol tensors, in model order; then, for an
+/// explained job, `contributions` (FP32 `[rows, features]`) and `reasons` (BYTES `[rows]`, one
+/// JSON text per row).
 struct OutputTensors<'a> {
     columns: &'a [Column],
     start: usize,
     rows: usize,
+    explained: Option<Explained<'a>>,
 }
 
 impl Serialize for OutputTensors<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.columns.len()))?;
+        let extra = if self.explained.is_some() { 2 } else { 0 };
+        let mut seq = serializer.serialize_seq(Some(self.columns.len() + extra))?;
         for column in self.columns {
             seq.serialize_element(&OutputTensor { column, start: self.start, rows: self.rows })?;
         }
+        if let Some(explained) = &self.explained {
+            let features = explained.explainer.features();
+            let contributions: Vec<f32> =
+                explained.rows.iter().flat_map(|e| e.contributions.iter().map(|&c| c as f32)).collect();
+            seq.serialize_element(&ExtraTensor {
+                name: "contributions",
+                shape: &[self.rows, features],
+                datatype: "FP32",
+                data: &contributions,
+            })?;
+            let reasons: Vec<RowReasons> =
+                explained.each_row().map(|(row, e)| RowReasons { explained, row, e }).collect();
+            seq.serialize_element(&ExtraTensor {
+                name: "reasons",
+                shape: &[self.rows],
+                datatype: "BYTES",
+                data: &JsonTexts(&reasons),
+            })?;
+        }
         seq.end()
     }
+}
+
+#[derive(Serialize)]
+struct ExtraTensor<'a, D: Serialize + ?Sized> {
+    name: &'static str,
+    shape: &'a [usize],
+    datatype: &'static str,
+    data: &'a D,
+}
+
+/// A job's explanations with what their reasons are reported by.
+#[derive(Clone, Copy)]
+struct Explained<'a> {
+    explainer: &'a Explainer,
+    rows: &'a [Explanation],
+    /// The job's rows, row-major.
+    inputs: &'a [f32],
+}
+
+impl<'a> Explained<'a> {
+    fn of(job: &'a JobMeta, explanations: Option<&'a [Explanation]>) -> Option<Self> {
+        let explainer = job.model.explainer.as_ref()?;
+        Some(Explained { explainer, rows: explanations?, inputs: &job.explain.as_ref()?.inputs })
+    }
+
+    /// Each explanation with its row's values.
+    fn each_row(&self) -> impl Iterator<Item = (&'a [f32], &'a Explanation)> {
+        self.inputs.chunks_exact(self.explainer.features().max(1)).zip(self.rows)
+    }
+}
+
+impl Serialize for Explained<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.rows.len()))?;
+        for (row, e) in self.each_row() {
+            seq.serialize_element(&RowExplanation {
+                value: e.value,
+                base_value: e.base_value,
+                contributions: &e.contributions,
+                reasons: RowReasons { explained: self, row, e },
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct RowExplanation<'a> {
+    value: f64,
+    base_value: f64,
+    contributions: &'a [f64],
+    reasons: RowReasons<'a>,
+}
+
+/// One row's reasons: `[{"feature", "value", "contribution", "code", "text"}, …]`.
+struct RowReasons<'a> {
+    explained: &'a Explained<'a>,
+    row: &'a [f32],
+    e: &'a Explanation,
+}
+
+impl Serialize for RowReasons<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.e.reasons.len()))?;
+        for &feature in &self.e.reasons {
+            let reason = self.explained.explainer.reason(self.e, self.row, feature);
+            seq.serialize_element(&ReasonBody {
+                feature: reason.feature,
+                value: reason.value,
+                contribution: reason.contribution,
+                code: reason.text.code.as_deref(),
+                text: reason.text.text.as_deref(),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct ReasonBody<'a> {
+    feature: &'a str,
+    value: f32,
+    contribution: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
 }
 
 /// One output as `{"name", "shape", "datatype", "data"}`, data flat in row-major order.
@@ -252,7 +374,8 @@ mod tests {
             column("names", vec![], ColumnData::Str(vec!["a".into(), "b".into(), "c".into()])),
             column("ok", vec![], ColumnData::Bool(vec![true, false, true])),
         ];
-        let encoded = serde_json::to_value(OutputTensors { columns: &columns, start: 1, rows: 2 }).unwrap();
+        let encoded =
+            serde_json::to_value(OutputTensors { columns: &columns, start: 1, rows: 2, explained: None }).unwrap();
         assert_eq!(
             encoded,
             serde_json::json!([
@@ -268,7 +391,8 @@ mod tests {
     fn class_score_maps_become_json_texts() {
         let maps = vec![MapRow::I64(vec![(0, 0.25), (1, 0.75)]), MapRow::Str(vec![("yes".into(), 0.5)])];
         let columns = [column("output_probability", vec![], ColumnData::Maps(maps))];
-        let encoded = serde_json::to_value(OutputTensors { columns: &columns, start: 0, rows: 2 }).unwrap();
+        let encoded =
+            serde_json::to_value(OutputTensors { columns: &columns, start: 0, rows: 2, explained: None }).unwrap();
         assert_eq!(
             encoded,
             serde_json::json!([{

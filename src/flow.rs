@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::budget::Charge;
 use crate::engine::{Column, InferenceError, ModelVersion};
+use crate::explain;
 
 /// Where a job came from: the online lane's rows are batched before the bulk lane's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -185,6 +186,16 @@ pub struct JobMeta {
     pub delivery: Delivery,
     /// The job's rows in its lane's budget, returned when the job is answered.
     pub charge: Charge,
+    /// Set when the job asked for explanations of its scores.
+    pub explain: Option<explain::Request>,
+}
+
+impl JobMeta {
+    /// The rows the job sent, which its result answers: `rows` also counts the rows scored to
+    /// explain them by sampling, which follow the job's own.
+    pub fn answered_rows(&self) -> usize {
+        self.explain.as_ref().map_or(self.rows, |request| request.rows)
+    }
 }
 
 /// Why a batch stopped taking rows.

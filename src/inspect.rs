@@ -6,9 +6,10 @@ use std::path::Path;
 
 use ort::value::ValueType;
 
-use crate::engine::model::{open_session, read_signature};
+use crate::engine::model::{open_session, read_signature, ModelConfig};
 use crate::engine::outputs::{Element, MapKeyType, OutputKind};
 use crate::engine::{runtime, Repository};
+use crate::explain::Explainer;
 use crate::settings::Settings;
 
 /// Describes `path` as text, ready to print.
@@ -26,10 +27,35 @@ pub fn describe(settings: &Settings, path: &Path) -> anyhow::Result<String> {
         }
     }
     match read_signature(&session, None) {
-        Ok(signature) => writeln!(text, "servable: yes ({} features per row)", signature.n_features)?,
+        Ok(signature) => {
+            writeln!(text, "servable: yes ({} features per row)", signature.n_features)?;
+            writeln!(text, "explain: {}", explanation_method(path, signature.n_features))?;
+        }
         Err(reason) => writeln!(text, "servable: no: {reason}")?,
     }
     Ok(text)
+}
+
+/// How the model's scores are explained, as its folder's config.yaml (`<model>/config.yaml` for
+/// `<model>/<version>/model.onnx`) sets it, and why.
+fn explanation_method(path: &Path, n_features: usize) -> String {
+    let Some(folder) = path.parent().and_then(Path::parent) else { return "no (no config.yaml)".into() };
+    let config = match std::fs::read_to_string(folder.join("config.yaml")) {
+        Ok(text) => ModelConfig::from_yaml(&text),
+        Err(_) => return format!("no ({} has no config.yaml)", folder.display()),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => return format!("no: {}: {e}", folder.join("config.yaml").display()),
+    };
+    let Some(explain) = &config.explain else { return "no (config.yaml has no explain section)".into() };
+    let built = std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| Explainer::build(explain, &bytes, folder, config.features.as_deref(), n_features));
+    match built {
+        Ok(explainer) => format!("method {}: {}", explainer.method.name(), explainer.reason),
+        Err(e) => format!("no: config.yaml {e}"),
+    }
 }
 
 fn describe_type(dtype: &ValueType) -> String {
@@ -49,8 +75,8 @@ pub fn list_models(settings: &Settings) -> anyhow::Result<String> {
     let mut text = String::new();
     writeln!(
         text,
-        "{:<20} {:>7}  {:<7} {:>8}  {:<44} {:<8} SHA256",
-        "MODEL", "VERSION", "SERVING", "FEATURES", "OUTPUTS", "PROVIDER"
+        "{:<20} {:>7}  {:<7} {:>8}  {:<44} {:<8} {:<8} SHA256",
+        "MODEL", "VERSION", "SERVING", "FEATURES", "OUTPUTS", "PROVIDER", "EXPLAIN"
     )?;
     for model in repository.versions() {
         let serving = repository.resolve(&model.name, None).is_ok_and(|latest| latest.version == model.version);
@@ -58,13 +84,14 @@ pub fn list_models(settings: &Settings) -> anyhow::Result<String> {
             model.published.iter().map(|o| format!("{} {}", o.name, describe_kind(&o.kind))).collect();
         writeln!(
             text,
-            "{:<20} {:>7}  {:<7} {:>8}  {:<44} {:<8} {}",
+            "{:<20} {:>7}  {:<7} {:>8}  {:<44} {:<8} {:<8} {}",
             model.name,
             model.version,
             if serving { "yes" } else { "no" },
             model.signature.n_features,
             outputs.join(", "),
             model.provider.as_str(),
+            model.explainer.as_ref().map_or("-", |e| e.method.name()),
             model.sha256
         )?;
     }

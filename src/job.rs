@@ -11,6 +11,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::Deserialize;
 
 use crate::engine::ModelVersion;
+use crate::explain;
 use crate::flow::{Protocol, Rejected, Rejection};
 use crate::oip::{self, InputsField, Tensor};
 use crate::settings::LimitSettings;
@@ -36,6 +37,14 @@ pub struct JobRequest {
     pub model_version: Option<u64>,
     pub features: Features,
     pub protocol: Protocol,
+    /// The job asked for explanations (`"explain"`, or `parameters.explain` in the protocol form).
+    pub explain: Option<ExplainAsk>,
+}
+
+/// A job's request for explanations; `top_k` overrides the model's number of reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExplainAsk {
+    pub top_k: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,9 +99,70 @@ pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobReque
             .into(),
         )));
     };
+    let explain = match protocol {
+        Protocol::Native => body.explain.map(ExplainField::ask),
+        Protocol::OpenInference => body.parameters.as_ref().and_then(|p| p.get("explain")).map(|value| {
+            ExplainField::deserialize(value)
+                .map_err(|e| Rejection::InvalidInput(format!("parameters.explain: {e}")))
+                .and_then(ExplainField::ask)
+        }),
+    };
+    let explain = explain.transpose().map_err(rejected)?.flatten();
     let features = features(protocol, body.rows, body.records, body.inputs).map_err(rejected)?;
     check_row_count(&features, limits).map_err(rejected)?;
-    Ok(JobRequest { job_id, model: model_name, model_version: body.model_version, features, protocol })
+    Ok(JobRequest { job_id, model: model_name, model_version: body.model_version, features, protocol, explain })
+}
+
+/// The explanation request of a job whose `rows` rows are bound to `model` as `inputs`, when it
+/// asked for one; `inputs` gains the rows that explaining them needs scored. An error when the
+/// model cannot explain, or the rows to score would exceed `max_rows`.
+pub fn explain(
+    ask: Option<ExplainAsk>,
+    model: &ModelVersion,
+    inputs: &mut Vec<f32>,
+    rows: usize,
+    max_rows: usize,
+) -> Result<Option<explain::Request>, Rejection> {
+    let Some(ask) = ask else { return Ok(None) };
+    let Some(explainer) = &model.explainer else {
+        return Err(Rejection::InvalidInput(format!(
+            "model {} version {} has no explain setting in its config.yaml, so its scores cannot be explained; \
+             send the job without explain, or add an explain section (docs/EXPLANATIONS.md)",
+            model.name, model.version
+        )));
+    };
+    let top_k = ask.top_k.unwrap_or(explainer.top_k);
+    let (request, extra) =
+        explainer.request(inputs, rows, top_k, max_rows).map_err(|e| Rejection::TooLarge(e.to_string()))?;
+    inputs.extend_from_slice(&extra);
+    Ok(Some(request))
+}
+
+/// `"explain": true`, `false` or `{"top_k": N}`.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "explain to be true, false or {\"top_k\": N}")]
+enum ExplainField {
+    Flag(bool),
+    Options(ExplainOptions),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainOptions {
+    top_k: usize,
+}
+
+impl ExplainField {
+    fn ask(self) -> Result<Option<ExplainAsk>, Rejection> {
+        match self {
+            ExplainField::Flag(false) => Ok(None),
+            ExplainField::Flag(true) => Ok(Some(ExplainAsk { top_k: None })),
+            ExplainField::Options(ExplainOptions { top_k: 0 }) => {
+                Err(Rejection::InvalidInput("explain.top_k must be at least 1".into()))
+            }
+            ExplainField::Options(ExplainOptions { top_k }) => Ok(Some(ExplainAsk { top_k: Some(top_k) })),
+        }
+    }
 }
 
 /// What the message tells about a job before its body is read, for the error result of a body
@@ -298,6 +368,11 @@ struct JobBody {
     model_name: Option<serde_json::Value>,
     #[serde(default)]
     inputs: Option<InputsField>,
+    #[serde(default)]
+    explain: Option<ExplainField>,
+    /// Open Inference Protocol request parameters; only `explain` is read.
+    #[serde(default)]
+    parameters: Option<serde_json::Value>,
 }
 
 /// Best effort job id, model and form of a body that failed validation, for the error result;

@@ -9,7 +9,8 @@
 //!   Protocol form in [`oip`]) → route to a batcher; [`lanes`] decides which lane takes next
 //! - [`batcher`]: one per model version; forms batches across jobs, splits large jobs
 //! - [`infer`]: runs a batch on a pooled session of the [`engine`]
-//! - [`result`]: scatters scores back to jobs, reassembles split jobs; [`encode`] writes the bodies
+//! - [`result`]: scatters scores back to jobs, reassembles split jobs, adds the rows'
+//!   [`explain`]ations where the job asked; [`encode`] writes the bodies
 //! - [`amqp::publisher`]: publishes with confirms, then acknowledges the job
 //!
 //! [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
@@ -24,6 +25,7 @@ pub mod batcher;
 pub mod budget;
 pub mod encode;
 pub mod engine;
+pub mod explain;
 #[doc(hidden)]
 pub mod faults;
 pub mod flow;

@@ -1,15 +1,17 @@
 //! The result stage: scatters each scored batch back to its jobs, reassembles jobs that were
-//! split across batches ([`Reassembly`]), and turns each finished job into one [`Outgoing`]
-//! result for the publisher, ok or error; jobs that cannot be scored are marked for
-//! dead-lettering.
+//! split across batches ([`Reassembly`]), explains the rows of jobs that asked, and turns each
+//! finished job into one [`Outgoing`] result for the publisher, ok or error; jobs that cannot be
+//! scored are marked for dead-lettering.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::encode::{encode_error, encode_ok, Timing};
 use crate::engine::Column;
+use crate::explain::Explanation;
 use crate::faults;
 use crate::flow::{Completion, JobMeta, Outgoing, Rejected, Rejection, ScoredBatch, Segment};
 use crate::supervisor::Gone;
@@ -51,7 +53,7 @@ impl Reassembly {
         let job = &segment.job;
         if let (Ok(columns), true) = (&batch.outcome, segment.is_whole_job()) {
             let timing = Timing::of(job, batch.started_at, batch.inference_time);
-            return Some(encode_ok(job, columns, segment.batch_offset, timing));
+            return Some(encode(job, columns, segment.batch_offset, timing));
         }
         let assembly = self.partial.entry(job.seq).or_insert_with(|| Assembly {
             // Shaped by the first part that scores (an earlier part may have failed).
@@ -84,7 +86,7 @@ impl Reassembly {
             Some(rejection) => Err(rejection),
             None => {
                 let timing = Timing::of(job, assembly.last_batch_at, assembly.inference);
-                encode_ok(job, &assembly.columns, 0, timing)
+                encode(job, &assembly.columns, 0, timing)
             }
         })
     }
@@ -93,6 +95,31 @@ impl Reassembly {
     pub fn pending(&self) -> usize {
         self.partial.len()
     }
+}
+
+/// The explanations of the job's rows, where it asked for them, from its scored rows (all of
+/// them, starting at `start` in `columns`).
+fn explain(job: &JobMeta, columns: &[Column], start: usize) -> Result<Option<Vec<Explanation>>, Rejection> {
+    let (Some(request), Some(explainer)) = (job.explain.as_ref(), job.model.explainer.as_ref()) else {
+        return Ok(None);
+    };
+    if !explainer.reads_scores() {
+        return Ok(Some(explainer.explain(request, None)));
+    }
+    let column = columns.iter().find(|c| c.name == explainer.output).ok_or_else(|| {
+        Rejection::Internal(format!("the explained output {} is not among the scored outputs", explainer.output))
+    })?;
+    let g = (start..start + job.rows)
+        .map(|row| explainer.g(&column.numbers(row)))
+        .collect::<Result<Vec<f64>, _>>()
+        .map_err(|e| Rejection::Internal(e.to_string()))?;
+    Ok(Some(explainer.explain(request, Some(&g))))
+}
+
+/// The ok result of `job`, whose scored rows start at `start` in `columns`.
+fn encode(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: Timing) -> Result<Vec<u8>, Rejection> {
+    let explanations = explain(job, columns, start)?;
+    encode_ok(job, columns, start, timing, explanations.as_deref())
 }
 
 /// The result message of a finished job: its scores, or its error (dead-lettered unless the job

@@ -31,6 +31,10 @@ pub struct SubmitArgs {
     /// Rows per job.
     #[arg(long, default_value_t = 1000)]
     pub chunk_rows: usize,
+    /// Ask for explanations: CSV output gains `reason_1`..`reason_k` (each reason's code, or its
+    /// feature without one); JSONL output gains each row's `explanation` object.
+    #[arg(long)]
+    pub explain: bool,
     /// Give up when connecting, publishing and collecting every result take longer than this.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -79,7 +83,7 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
     let ordered = exchange(settings, args, input.field, &chunks).await?;
     let elapsed = started.elapsed();
     check_all_ok(&ordered, &chunks, args.chunk_rows)?;
-    write_output(&args.output, &ordered)?;
+    write_output(&args.output, &ordered, args.explain)?;
     Ok(Summary { rows: input.items.len(), jobs: chunks.len(), elapsed, output: args.output.clone() })
 }
 
@@ -175,6 +179,9 @@ fn job_body(job_id: &str, args: &SubmitArgs, field: &str, items: &[String]) -> S
     if let Some(version) = args.model_version {
         let _ = write!(body, r#","model_version":"{version}""#);
     }
+    if args.explain {
+        body.push_str(r#","explain":true"#);
+    }
     let _ = write!(body, r#","{field}":["#);
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -260,28 +267,64 @@ fn read_jsonl(file: std::fs::File, path: &Path) -> anyhow::Result<InputRows> {
     Ok(InputRows { field: field.unwrap_or("rows"), items })
 }
 
-fn write_output(path: &Path, results: &[Value]) -> anyhow::Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut out = BufWriter::new(file);
-    let rows = results.iter().flat_map(|result| {
+/// One output row: its values by output name, and its explanation when asked for.
+struct OutputRow {
+    values: Vec<(String, Value)>,
+    explanation: Option<Value>,
+}
+
+fn output_rows(results: &[Value]) -> impl Iterator<Item = OutputRow> + '_ {
+    results.iter().flat_map(|result| {
         let outputs = result["outputs"].as_object().cloned().unwrap_or_default();
         let n = result["rows"].as_u64().unwrap_or(0) as usize;
-        (0..n).map(move |i| outputs.iter().map(|(name, values)| (name.clone(), values[i].clone())).collect::<Vec<_>>())
-    });
+        (0..n).map(move |i| OutputRow {
+            values: outputs.iter().map(|(name, values)| (name.clone(), values[i].clone())).collect(),
+            explanation: result["explanations"].get(i).cloned(),
+        })
+    })
+}
+
+/// A reason's cell: its code, or its feature when it has none.
+fn reason_cell(reason: &Value) -> String {
+    reason["code"].as_str().or_else(|| reason["feature"].as_str()).unwrap_or_default().to_string()
+}
+
+fn write_output(path: &Path, results: &[Value], explain: bool) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = BufWriter::new(file);
     match extension(path) {
         "jsonl" | "ndjson" => {
-            for row in rows {
-                serde_json::to_writer(&mut out, &row.into_iter().collect::<serde_json::Map<_, _>>())?;
+            for row in output_rows(results) {
+                let mut object: serde_json::Map<_, _> = row.values.into_iter().collect();
+                if let Some(explanation) = row.explanation {
+                    object.insert("explanation".into(), explanation);
+                }
+                serde_json::to_writer(&mut out, &object)?;
                 out.write_all(b"\n")?;
             }
         }
         "csv" => {
+            // As many reason columns as the row with the most reasons has.
+            let reasons = if explain {
+                output_rows(results)
+                    .filter_map(|row| row.explanation.and_then(|e| e["reasons"].as_array().map(Vec::len)))
+                    .max()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             // Flexible: a row with other outputs than the first (a version with other outputs
             // took over mid-run) is written as it is rather than failing the whole output.
             let mut writer = csv::WriterBuilder::new().flexible(true).from_writer(&mut out);
             let mut header_written = false;
-            for row in rows {
-                let cells: Vec<(String, String)> = row.iter().flat_map(|(name, value)| flatten(name, value)).collect();
+            for row in output_rows(results) {
+                let mut cells: Vec<(String, String)> =
+                    row.values.iter().flat_map(|(name, value)| flatten(name, value)).collect();
+                let listed = row.explanation.as_ref().and_then(|e| e["reasons"].as_array());
+                for k in 0..reasons {
+                    let cell = listed.and_then(|r| r.get(k)).map(reason_cell).unwrap_or_default();
+                    cells.push((format!("reason_{}", k + 1), cell));
+                }
                 if !header_written {
                     writer.write_record(cells.iter().map(|(name, _)| name))?;
                     header_written = true;
@@ -320,7 +363,7 @@ mod tests {
             json!({"rows": 1, "outputs": {"label": ["a,b"], "probabilities": [[1.0, 0.0]]}}),
         ];
         let path = std::env::temp_dir().join(format!("batchscore-submit-{}.csv", uuid::Uuid::new_v4().simple()));
-        write_output(&path, &results).expect("output written");
+        write_output(&path, &results, false).expect("output written");
         let mut reader = csv::Reader::from_path(&path).expect("output is readable CSV");
         let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
         let records: Vec<Vec<String>> =

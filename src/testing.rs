@@ -36,6 +36,7 @@ pub fn job(model: &Arc<ModelVersion>, seq: u64, rows: usize, lane: Lane) -> Job 
         protocol: Protocol::Native,
         delivery: Delivery::new(seq),
         charge: RowBudget::new(usize::MAX).charge(rows),
+        explain: None,
     };
     Job { meta: Arc::new(meta), inputs: vec![seq as f32; rows * model.signature.n_features] }
 }

@@ -49,6 +49,10 @@ fn schemas_reject_what_the_worker_rejects() {
     assert!(!jobs.is_valid(&serde_json::json!({"id": "a", "inputs": [bytes]})), "unsupported datatype");
     let both = serde_json::json!({"job_id": "a", "model": "m", "rows": [[1]], "inputs": [tensor]});
     assert!(!jobs.is_valid(&both), "native and protocol input together");
+    let explain = |explain: serde_json::Value| serde_json::json!({"model": "m", "rows": [[1]], "explain": explain});
+    assert!(jobs.is_valid(&explain(serde_json::json!({"top_k": 2}))) && jobs.is_valid(&explain(true.into())));
+    assert!(!jobs.is_valid(&explain(serde_json::json!({"top_k": 0}))), "no reasons asked for");
+    assert!(!jobs.is_valid(&explain("yes".into())), "explain is true, false or {{top_k}}");
     let results = validator("result.schema.json");
     assert!(!results
         .is_valid(&serde_json::json!({"job_id": "a", "status": "error", "error": {"code": "nope", "message": "x"}})));

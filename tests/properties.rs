@@ -96,6 +96,7 @@ fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Jo
         protocol: Protocol::Native,
         delivery: Delivery::new(()),
         charge: RowBudget::new(usize::MAX).charge(rows),
+        explain: None,
     };
     Job { meta: Arc::new(meta), inputs }
 }
@@ -198,7 +199,7 @@ proptest! {
             };
             let alone = fixture.score(&job_inputs[seq], rows.len());
             let timing = Timing { batching: 0.0, inference: 0.0, total: 0.0 };
-            let alone = encode_ok(&metas[seq], &alone, 0, timing).expect("a scored job encodes");
+            let alone = encode_ok(&metas[seq], &alone, 0, timing, None).expect("a scored job encodes");
             assert_same_outputs(seq, &outputs(got), &outputs(&alone))?;
         }
     }

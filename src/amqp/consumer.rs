@@ -21,6 +21,7 @@ use super::{AmqpError, Inbound};
 use crate::batcher::Batchers;
 use crate::encode::encode_error;
 use crate::engine::{ModelVersion, Repository};
+use crate::explain;
 use crate::flow::{self, epoch_ms, Completion, Job, JobMeta, Lane, Outgoing, Protocol, Rejected, Rejection};
 use crate::job::{self, Envelope, JobRequest};
 use crate::lanes::LanePolicy;
@@ -173,7 +174,7 @@ impl Consumer {
     async fn dispatch(&mut self, decoded: Decoded) -> bool {
         let Decoded { lane, received_at, queued_for, delivery, outcome } = decoded;
         match outcome {
-            Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol }) => {
+            Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol, explain }) => {
                 telemetry::record_job_received(&model.name, lane.as_str(), queued_for);
                 telemetry::record_inflight(1.0, rows as f64);
                 self.next_seq += 1;
@@ -189,6 +190,7 @@ impl Consumer {
                     protocol,
                     delivery,
                     charge: self.lanes.budget(lane).charge(rows),
+                    explain,
                 };
                 let job = Job { meta: Arc::new(meta), inputs };
                 let model = Arc::clone(&job.meta.model);
@@ -242,7 +244,8 @@ fn prepare(
         content_type: properties.content_type().as_ref().map(ShortString::as_str),
         model_header: super::model_header(properties),
     };
-    let JobRequest { job_id, model: model_name, model_version, features, protocol } = job::decode(envelope, limits)?;
+    let JobRequest { job_id, model: model_name, model_version, features, protocol, explain } =
+        job::decode(envelope, limits)?;
     let rejected = |model_version, reason| Rejected {
         job_id: Some(job_id.clone()),
         model: Some(model_name.clone()),
@@ -255,8 +258,12 @@ fn prepare(
         .resolve(&model_name, model_version)
         .map_err(|e| rejected(model_version, Rejection::UnknownModel(e.to_string())))?;
     let rows = features.row_count();
-    let inputs = job::bind(features, model).map_err(|reason| rejected(Some(model.version), reason))?;
-    Ok(Prepared { job_id, rows, model: Arc::clone(model), inputs, deadline_ms, protocol })
+    let mut inputs = job::bind(features, model).map_err(|reason| rejected(Some(model.version), reason))?;
+    let explain = job::explain(explain, model, &mut inputs, rows, limits.max_rows_per_job)
+        .map_err(|reason| rejected(Some(model.version), reason))?;
+    // Explaining by sampling scores more rows than the job sent.
+    let rows = inputs.len() / model.signature.n_features.max(1);
+    Ok(Prepared { job_id, rows, model: Arc::clone(model), inputs, deadline_ms, protocol, explain })
 }
 
 /// A delivery with the outcome of its decoding, on its way to [`Consumer::dispatch`].
@@ -276,6 +283,7 @@ struct Prepared {
     inputs: Vec<f32>,
     deadline_ms: Option<u64>,
     protocol: Protocol,
+    explain: Option<explain::Request>,
 }
 
 /// The job's deadline in epoch milliseconds: header `x-deadline`, else the AMQP `expiration`

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::outputs::{Column, ColumnData, Element, MapKeyType, MapRow, OutputKind};
+use crate::explain::{ExplainConfig, Explainer};
 use crate::settings::{BatchingSettings, Engine, ExecutionProvider, InferenceSettings, ProviderUnavailable};
 
 /// `<model>/config.yaml`: everything optional.
@@ -33,6 +34,8 @@ pub struct ModelConfig {
     pub execution_provider: Option<ExecutionProvider>,
     pub cuda_device_id: Option<i32>,
     pub cuda_memory_limit_mb: Option<u64>,
+    /// How scores are explained (docs/EXPLANATIONS.md); jobs may ask for explanations only when set.
+    pub explain: Option<ExplainConfig>,
 }
 
 impl ModelConfig {
@@ -166,6 +169,8 @@ pub struct ModelVersion {
     pub published: Vec<OutputSpec>,
     pub feature_names: Option<Vec<String>>,
     pub feature_index: HashMap<String, usize>,
+    /// Present when config.yaml has `explain`.
+    pub explainer: Option<Explainer>,
     pub batching: BatchingSettings,
     /// The execution provider the sessions run on (CPU after a permitted fallback from CUDA).
     pub provider: ExecutionProvider,
@@ -235,6 +240,12 @@ impl ModelVersion {
             }
         };
         let feature_index = config.features.iter().flatten().enumerate().map(|(i, f)| (f.clone(), i)).collect();
+        let explainer = match &config.explain {
+            Some(explain) => {
+                Some(explainer(explain, &bytes, path, &signature, config.features.as_deref()).map_err(invalid)?)
+            }
+            None => None,
+        };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut model = Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -247,6 +258,7 @@ impl ModelVersion {
             published,
             feature_names: config.features.clone(),
             feature_index,
+            explainer,
             batching: config.batching.apply(batching),
             provider,
             engine: inference.engine,
@@ -256,8 +268,29 @@ impl ModelVersion {
         for session in &mut sessions {
             model.run(session, &zeros, 1).map_err(|e| invalid(format!("the warm-up run failed: {e}")))?;
         }
+        if let Some(mut explainer) = model.explainer.take() {
+            if explainer.reads_scores() {
+                model.score_baseline(&mut sessions[0], &mut explainer).map_err(invalid)?;
+            }
+            model.explainer = Some(explainer);
+        }
         model.sessions = Pool::from(sessions);
         Ok(model)
+    }
+
+    /// Scores the explainer's baseline for its base value (the sampling method reads g from the
+    /// model's own scores).
+    fn score_baseline(&self, session: &mut Session, explainer: &mut Explainer) -> Result<(), String> {
+        let columns = self
+            .run(session, explainer.baseline(), 1)
+            .map_err(|e| format!("scoring the explain baseline failed: {e}"))?;
+        let column = columns.iter().find(|c| c.name == explainer.output).ok_or_else(|| {
+            format!(
+                "config.yaml explains output {} by sampling, which reads its scores: publish it (outputs)",
+                explainer.output
+            )
+        })?;
+        explainer.set_base_value(&column.numbers(0)).map_err(|e| format!("config.yaml explain: {e}"))
     }
 
     /// Sessions running a batch and sessions free.
@@ -295,6 +328,27 @@ impl ModelVersion {
         }
         Ok(columns)
     }
+}
+
+/// The explainer of a version at `path` (`<model>/<version>/model.onnx`; config.yaml and files
+/// it names sit in `<model>/`).
+fn explainer(
+    config: &ExplainConfig,
+    bytes: &[u8],
+    path: &Path,
+    signature: &Signature,
+    features: Option<&[String]>,
+) -> Result<Explainer, String> {
+    if !signature.outputs.iter().any(|o| o.name == config.output) {
+        let available: Vec<_> = signature.outputs.iter().map(|o| o.name.as_str()).collect();
+        return Err(format!(
+            "config.yaml explains output {:?}, which the model does not have (outputs: {})",
+            config.output,
+            available.join(", ")
+        ));
+    }
+    let folder = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    Explainer::build(config, bytes, folder, features, signature.n_features).map_err(|e| format!("config.yaml {e}"))
 }
 
 /// A session and the execution provider it runs on.

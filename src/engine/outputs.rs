@@ -72,6 +72,23 @@ impl Column {
         values / self.row_len.max(1)
     }
 
+    /// Row `row`'s numbers (a map row's scores in class order); empty for strings and booleans.
+    pub fn numbers(&self, row: usize) -> Vec<f64> {
+        let (from, to) = (row * self.row_len, (row + 1) * self.row_len);
+        match &self.data {
+            ColumnData::F32(v) => v[from..to].iter().map(|&x| x as f64).collect(),
+            ColumnData::F64(v) => v[from..to].to_vec(),
+            ColumnData::I64(v) => v[from..to].iter().map(|&x| x as f64).collect(),
+            ColumnData::I32(v) => v[from..to].iter().map(|&x| x as f64).collect(),
+            ColumnData::Bool(_) | ColumnData::Str(_) => Vec::new(),
+            ColumnData::Maps(v) => match &v[row] {
+                MapRow::Empty => Vec::new(),
+                MapRow::I64(scores) => scores.iter().map(|&(_, p)| p as f64).collect(),
+                MapRow::Str(scores) => scores.iter().map(|&(_, p)| p as f64).collect(),
+            },
+        }
+    }
+
     /// Zeros (empty maps, empty strings) for `rows` rows of an output of `kind`; open dimensions
     /// count as 1. What the no-op engine answers.
     pub fn zeros(name: &str, kind: &OutputKind, rows: usize) -> Column {

@@ -43,13 +43,15 @@ pub enum LookupError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
     model: (u64, Option<SystemTime>),
+    /// config.yaml and the explanation baseline file it names, if any.
     config: Option<(u64, Option<SystemTime>)>,
+    baseline: Option<(u64, Option<SystemTime>)>,
 }
 
 impl Stamp {
-    fn of(model_file: &Path, config_file: &Path) -> Option<Self> {
+    fn of(model_file: &Path, config_file: &Path, baseline_file: Option<&Path>) -> Option<Self> {
         let read = |path: &Path| std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()));
-        Some(Self { model: read(model_file)?, config: read(config_file) })
+        Some(Self { model: read(model_file)?, config: read(config_file), baseline: baseline_file.and_then(read) })
     }
 }
 
@@ -126,10 +128,11 @@ impl Repository {
                         match current {
                             // Same bytes and the same config.yaml under a new timestamp: the loaded
                             // version stays. An edited config.yaml (features, outputs, batching,
-                            // provider) needs the version loaded with it.
+                            // provider, explain) or baseline file needs the version loaded with it.
                             Some(served)
                                 if served.model.sha256 == model.sha256
-                                    && served.stamp.config == candidate.stamp.config =>
+                                    && served.stamp.config == candidate.stamp.config
+                                    && served.stamp.baseline == candidate.stamp.baseline =>
                             {
                                 Some(Served { model: Arc::clone(&served.model), stamp: candidate.stamp })
                             }
@@ -213,7 +216,12 @@ fn load_version(
     let model = ModelVersion::load(env, name, *version, file, config, settings.inference, settings.batching)
         .inspect_err(|_| telemetry::record_model_load_failure(name))?;
     tracing::info!(model = %name, version, path = %file.display(), sha256 = %model.sha256,
-        features = model.signature.n_features, provider = model.provider.as_str(), "model loaded");
+        features = model.signature.n_features, provider = model.provider.as_str(),
+        explain = model.explainer.as_ref().map_or("no", |e| e.method.name()), "model loaded");
+    if let Some(explainer) = &model.explainer {
+        tracing::info!(model = %name, version, method = explainer.method.name(), why = %explainer.reason,
+            "explanations enabled");
+    }
     Ok(Arc::new(model))
 }
 
@@ -230,11 +238,12 @@ fn scan(root: &Path) -> Result<Vec<Candidate>, RepositoryError> {
     for (name, dir) in subdirectories(root)? {
         let config = Arc::new(read_config(&dir)?);
         let config_file = dir.join(CONFIG_FILE);
+        let baseline_file = config.explain.as_ref().and_then(|e| e.baseline_file.as_ref()).map(|f| dir.join(f));
         let mut on_disk = BTreeMap::new();
         for (version_name, version_dir) in subdirectories(&dir)? {
             let Ok(version) = version_name.parse::<u64>() else { continue };
             let file = version_dir.join(MODEL_FILE);
-            if let Some(stamp) = file.is_file().then(|| Stamp::of(&file, &config_file)).flatten() {
+            if let Some(stamp) = file.is_file().then(|| Stamp::of(&file, &config_file, baseline_file.as_deref())).flatten() {
                 on_disk.insert(version, (file, stamp));
             }
         }
@@ -401,5 +410,30 @@ mod tests {
         let published: Vec<&str> = reloaded.published.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(published, ["probabilities"], "the edited outputs apply");
         assert_eq!(scratch.model_info(1), 1.0, "the reloaded version is marked serving");
+    }
+
+    #[test]
+    fn an_edited_explain_baseline_reloads_the_version() {
+        let scratch = Scratch::new();
+        let folder = scratch.root.join(&scratch.model);
+        let config = folder.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config).expect("config");
+        let explain = "explain: {output: probabilities, class: 1, baseline_file: baseline.json}\n";
+        std::fs::write(&config, format!("{text}{explain}")).expect("explain section");
+        let baseline = |value: f32| serde_json::to_vec(&vec![value; 62]).expect("baseline");
+        std::fs::write(folder.join("baseline.json"), baseline(0.0)).expect("baseline file");
+        let current = scratch.load();
+        let base_value = |repository: &Repository| {
+            let model = repository.resolve(&scratch.model, Some(1)).expect("version 1");
+            let explainer = model.explainer.as_ref().expect("an explainer");
+            let request = crate::explain::Request { top_k: 1, inputs: vec![0.0; 62], rows: 1, walks: None };
+            explainer.explain(&request, None)[0].base_value
+        };
+        let before = base_value(&current);
+
+        // Longer than before, so the stamp moves even within the file system's time resolution.
+        std::fs::write(folder.join("baseline.json"), baseline(100.0)).expect("edit baseline");
+        let next = scratch.reload(&current).expect("an edited baseline file is a change");
+        assert_ne!(base_value(&next), before, "the version was loaded again with the edited baseline");
     }
 }
