@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh clone: prepares the machine (ONNX Runtime library, RabbitMQ), builds the release
 # binary, starts a worker on the bundled credit_default model, scores the sample applicants
-# through the broker, prints the results and stops the worker.
+# through the broker, prints the results (and the reasons for them) and stops the worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,5 +31,12 @@ echo "== the same applicants as named records (JSONL), jobs of 20 rows"
 target/release/batchscore submit --model credit_default --chunk-rows 20 \
   --input models/credit_default/samples/applicants.jsonl --output out/applicants_scored.jsonl
 head -3 out/applicants_scored.jsonl
+
+echo
+echo "== the same applicants with the reasons for each score (--explain): reason codes in CSV"
+target/release/batchscore submit --model credit_default --chunk-rows 50 --explain \
+  --input models/credit_default/samples/applicants.csv --output out/applicants_explained.csv
+echo "first rows of out/applicants_explained.csv (reason_1..4: codes of models/credit_default/config.yaml):"
+head -6 out/applicants_explained.csv | cut -d, -f1,4-
 echo
 echo "Outputs are in out/; the worker log is out/worker.log. See README.md for the message contract."

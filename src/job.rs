@@ -619,6 +619,28 @@ mod tests {
     }
 
     #[test]
+    fn explain_is_asked_in_the_jobs_own_form() {
+        let ask = |body: &str| decode_str(body).map(|job| job.explain);
+        let native = |explain: &str| ask(&format!(r#"{{"job_id":"a","model":"m","rows":[[1]],"explain":{explain}}}"#));
+        assert_eq!(native("true").unwrap(), Some(ExplainAsk { top_k: None }));
+        assert_eq!(native("false").unwrap(), None);
+        assert_eq!(native(r#"{"top_k":2}"#).unwrap(), Some(ExplainAsk { top_k: Some(2) }));
+        let zero = native(r#"{"top_k":0}"#).unwrap_err();
+        assert!(zero.reason.message().contains("explain.top_k"), "{zero}");
+        let word = native(r#""yes""#).unwrap_err();
+        assert_eq!(word.reason.code(), ErrorCode::InvalidInput, "{word}");
+        assert!(word.reason.message().contains(r#"explain to be true, false or {"top_k": N}"#), "{word}");
+
+        let tensor = r#""inputs":[{"name":"x","shape":[1,1],"datatype":"FP32","data":[1]}]"#;
+        let protocol =
+            |parameters: &str| ask(&format!(r#"{{"id":"a","model_name":"m",{tensor},"parameters":{parameters}}}"#));
+        assert_eq!(protocol(r#"{"explain":true}"#).unwrap(), Some(ExplainAsk { top_k: None }));
+        assert_eq!(protocol(r#"{"other":1}"#).unwrap(), None);
+        let bad = protocol(r#"{"explain":"yes"}"#).unwrap_err();
+        assert!(bad.reason.message().starts_with("parameters.explain:"), "{bad}");
+    }
+
+    #[test]
     fn job_id_falls_back_to_message_id() {
         let body = br#"{"model":"m","rows":[[1]]}"#;
         let envelope =
