@@ -5,7 +5,8 @@
 //! (ONNX Runtime in `.onnxruntime/` and a broker at `BATCHSCORE__AMQP__URL`, default the local
 //! one). `BENCH_SCALE=0.1` shrinks job counts and durations for a quick check. The report goes to
 //! `target/bench/e2e.md` (or `BENCH_REPORT`) and to stdout; worker logs to `target/bench/logs/`.
-//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised) runs only those phases.
+//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised, explain) runs only those
+//! phases.
 //! `BATCHSCORE__<SECTION>__<KEY>` variables reach every worker and the in-process model, and the
 //! Python workers get the same prefetch, batching and thread settings, so one can compare, say,
 //! `BATCHSCORE__INFERENCE__INTRA_THREADS=1` runs.
@@ -22,13 +23,17 @@
 //! lane draining a million rows while online jobs keep arriving. Then float32 against INT8: 100-row
 //! jobs for `credit_default` and for its quantised variant `credit_default_int8` drained by (c), each
 //! model's engine ceiling (b) at the batch size (c) formed, and the variant's held-out figures from
-//! its `quantisation.json`. Every measurement runs on its own uniquely named queues, which are
-//! deleted at the end.
+//! its `quantisation.json`. Last, explanations: (c) serving `tests/fixtures/explain/models`, rows/s
+//! with and without `"explain": true` per method in alternating pairs, and the worker's own p99 of
+//! single-row explained jobs at a fixed rate (`benches/e2e/explained.rs`). Every measurement runs
+//! on its own uniquely named queues, which are deleted at the end.
 
 #[path = "e2e/broker.rs"]
 mod broker;
 #[path = "e2e/engine.rs"]
 mod engine;
+#[path = "e2e/explained.rs"]
+mod explained;
 #[path = "e2e/jobs.rs"]
 mod jobs;
 #[path = "e2e/quantised.rs"]
@@ -96,6 +101,9 @@ async fn run() -> Result<bool> {
     }
     if phase_wanted("quantised") {
         report.quantised = Some(quantised::compare(&bench).await);
+    }
+    if phase_wanted("explain") {
+        report.explain = Some(explained::compare(&bench).await);
     }
     bench.cleanup().await;
     let text = report.render();
@@ -206,7 +214,8 @@ fn scale_from_env() -> Result<f64> {
     }
 }
 
-/// `BENCH_ONLY=lanes,quantised` runs only the named phases (drains, open-loop, lanes, quantised).
+/// `BENCH_ONLY=lanes,quantised` runs only the named phases (drains, open-loop, lanes, quantised,
+/// explain).
 fn phase_wanted(phase: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == phase))
 }

@@ -195,7 +195,7 @@ impl Serialize for Explained<'_> {
             seq.serialize_element(&RowExplanation {
                 value: e.value,
                 base_value: e.base_value,
-                contributions: &e.contributions,
+                contributions: Float32s(&e.contributions),
                 reasons: RowReasons { explained: self, row, e },
             })?;
         }
@@ -207,8 +207,18 @@ impl Serialize for Explained<'_> {
 struct RowExplanation<'a> {
     value: f64,
     base_value: f64,
-    contributions: &'a [f64],
+    contributions: Float32s<'a>,
     reasons: RowReasons<'a>,
+}
+
+/// Contributions written at float32 precision, the precision of the scores they explain: half
+/// the digits of float64, for results that carry one per feature per row.
+struct Float32s<'a>(&'a [f64]);
+
+impl Serialize for Float32s<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|&v| v as f32))
+    }
 }
 
 /// One row's reasons: `[{"feature", "value", "contribution", "code", "text"}, …]`.
@@ -226,7 +236,7 @@ impl Serialize for RowReasons<'_> {
             seq.serialize_element(&ReasonBody {
                 feature: reason.feature,
                 value: reason.value,
-                contribution: reason.contribution,
+                contribution: reason.contribution as f32,
                 code: reason.text.code.as_deref(),
                 text: reason.text.text.as_deref(),
             })?;
@@ -239,7 +249,7 @@ impl Serialize for RowReasons<'_> {
 struct ReasonBody<'a> {
     feature: &'a str,
     value: f32,
-    contribution: f64,
+    contribution: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]

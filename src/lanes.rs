@@ -52,14 +52,25 @@ impl LanePolicy {
         !(decoding || held_back || self.budget(lane).is_spent())
     }
 
-    /// Completes when a lane the policy holds back may take again: rows were returned to a spent
-    /// budget, or the bulk lane's yield window ended. Pending while no lane is held back.
-    pub async fn reopened(&self, bulk_decoding: bool) {
-        let held_until = self.yield_until().filter(|_| self.bulk_held_back(bulk_decoding));
+    /// What holds the lanes back now, taken before the consumer decides which lanes to take from
+    /// (budgets only come free meanwhile, never fill: only the consumer charges them).
+    pub fn held_back(&self, bulk_decoding: bool) -> HeldBack {
+        HeldBack {
+            online_spent: self.online.is_spent(),
+            bulk_spent: self.bulk.is_spent(),
+            bulk_yields_until: self.yield_until().filter(|_| self.bulk_held_back(bulk_decoding)),
+        }
+    }
+
+    /// Completes when a lane `held` found held back may take again: rows were returned to a spent
+    /// budget, or the bulk lane's yield window ended. Pending while no lane was held back. A
+    /// return after `held` was taken still wakes it: the budget keeps a permit for it.
+    pub async fn reopened(&self, held: HeldBack) {
+        let until = held.bulk_yields_until;
         tokio::select! {
-            _ = self.online.returned(), if self.online.is_spent() => {}
-            _ = self.bulk.returned(), if self.bulk.is_spent() || held_until.is_some() => {}
-            _ = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)), if held_until.is_some() => {}
+            _ = self.online.returned(), if held.online_spent => {}
+            _ = self.bulk.returned(), if held.bulk_spent || until.is_some() => {}
+            _ = tokio::time::sleep_until(until.unwrap_or_else(Instant::now)), if until.is_some() => {}
             else => std::future::pending().await,
         }
     }
@@ -72,6 +83,14 @@ impl LanePolicy {
     fn yield_until(&self) -> Option<Instant> {
         self.online_seen.map(|seen| seen + self.yield_window).filter(|until| *until > Instant::now())
     }
+}
+
+/// Why lanes were held back when the consumer last looked.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldBack {
+    online_spent: bool,
+    bulk_spent: bool,
+    bulk_yields_until: Option<Instant>,
 }
 
 /// The lane the next batch is taken from: online whenever it has rows waiting.
@@ -109,6 +128,19 @@ mod tests {
         assert!(!policy.admits(Lane::Bulk, true), "a lane decoding a large body takes no other");
     }
 
+    #[tokio::test]
+    async fn rows_returned_between_the_look_and_the_wait_still_reopen_the_lane() {
+        let policy = policy(10, 0);
+        let held_rows = policy.budget(Lane::Online).charge(10);
+        let held = policy.held_back(false);
+        // The consumer looked while the budget was spent; the rows come back before it waits.
+        drop(held_rows);
+        assert!(policy.admits(Lane::Online, false));
+        tokio::time::timeout(Duration::from_secs(5), policy.reopened(held))
+            .await
+            .expect("the return wakes the consumer, which then takes from the lane again");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bulk_holds_one_job_while_online_jobs_arrive() {
         let mut policy = policy(1_000, 250);
@@ -125,7 +157,7 @@ mod tests {
         let started = Instant::now();
         let reopened = async {
             while !policy.admits(Lane::Bulk, false) {
-                policy.reopened(false).await;
+                policy.reopened(policy.held_back(false)).await;
             }
         };
         tokio::time::timeout(Duration::from_secs(1), reopened).await.expect("the window ends");

@@ -52,8 +52,7 @@ impl Reassembly {
     pub fn add(&mut self, segment: &Segment, batch: &ScoredBatch) -> Option<Result<Vec<u8>, Rejection>> {
         let job = &segment.job;
         if let (Ok(columns), true) = (&batch.outcome, segment.is_whole_job()) {
-            let timing = Timing::of(job, batch.started_at, batch.inference_time);
-            return Some(encode(job, columns, segment.batch_offset, timing));
+            return Some(encode(job, columns, segment.batch_offset, batch.started_at, batch.inference_time));
         }
         let assembly = self.partial.entry(job.seq).or_insert_with(|| Assembly {
             // Shaped by the first part that scores (an earlier part may have failed).
@@ -84,10 +83,7 @@ impl Reassembly {
         let assembly = self.partial.remove(&job.seq)?;
         Some(match assembly.rejection {
             Some(rejection) => Err(rejection),
-            None => {
-                let timing = Timing::of(job, assembly.last_batch_at, assembly.inference);
-                encode(job, &assembly.columns, 0, timing)
-            }
+            None => encode(job, &assembly.columns, 0, assembly.last_batch_at, assembly.inference),
         })
     }
 
@@ -116,9 +112,18 @@ fn explain(job: &JobMeta, columns: &[Column], start: usize) -> Result<Option<Vec
     Ok(Some(explainer.explain(request, Some(&g))))
 }
 
-/// The ok result of `job`, whose scored rows start at `start` in `columns`.
-fn encode(job: &Arc<JobMeta>, columns: &[Column], start: usize, timing: Timing) -> Result<Vec<u8>, Rejection> {
+/// The ok result of `job`, whose scored rows start at `start` in `columns`; its last batch
+/// started at `last_batch_at`, and its batches ran for `inference`.
+fn encode(
+    job: &Arc<JobMeta>,
+    columns: &[Column],
+    start: usize,
+    last_batch_at: Instant,
+    inference: Duration,
+) -> Result<Vec<u8>, Rejection> {
     let explanations = explain(job, columns, start)?;
+    // After the explanations: the job's total time includes them.
+    let timing = Timing::of(job, last_batch_at, inference);
     encode_ok(job, columns, start, timing, explanations.as_deref())
 }
 

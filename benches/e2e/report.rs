@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::engine::EngineRun;
+use crate::explained::{self, ExplainReport};
 use crate::quantised::QuantisedReport;
 use crate::scenarios::{
     self, Drain, DrainReport, Lanes, Latency, Measured, LANES_RATE, LANES_SECONDS, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS,
@@ -23,6 +24,7 @@ pub struct Report {
     pub open_loops: Vec<(Kind, Measured<Latency>)>,
     pub lanes: Option<Measured<Lanes>>,
     pub quantised: Option<QuantisedReport>,
+    pub explain: Option<ExplainReport>,
 }
 
 impl Report {
@@ -56,6 +58,7 @@ impl Report {
             open_loops: Vec::new(),
             lanes: None,
             quantised: None,
+            explain: None,
         }
     }
 
@@ -69,6 +72,7 @@ impl Report {
         }) || self.open_loops.iter().any(|(_, m)| m.is_failed())
             || self.lanes.as_ref().is_some_and(Measured::is_failed)
             || self.quantised.as_ref().is_some_and(QuantisedReport::has_failures)
+            || self.explain.as_ref().is_some_and(ExplainReport::has_failures)
     }
 
     pub fn render(&self) -> String {
@@ -85,6 +89,9 @@ impl Report {
         self.render_lanes(&mut out);
         if let Some(quantised) = &self.quantised {
             quantised.render(&mut out);
+        }
+        if let Some(explain) = &self.explain {
+            explain.render(&mut out);
         }
         out
     }
@@ -149,6 +156,9 @@ impl Report {
             " MB",
             Goal::AtMost(300.0),
         ));
+        if let Some(explain) = &self.explain {
+            explain_targets(explain, &mut targets);
+        }
         targets
     }
 
@@ -306,6 +316,8 @@ fn table_safe(text: &str) -> String {
 enum Goal {
     AtLeast(f64),
     AtMost(f64),
+    /// Reported for the record; the spec sets no target.
+    Documented,
 }
 
 /// One target: a measured figure (or why there is none) against its goal.
@@ -330,14 +342,48 @@ impl Target {
         let (goal, met) = match (self.goal, self.measured) {
             (Goal::AtLeast(g), m) => (format!("≥ {g}{}", self.unit), m.map(|m| m >= g)),
             (Goal::AtMost(g), m) => (format!("≤ {g}{}", self.unit), m.map(|m| m <= g)),
+            (Goal::Documented, _) => ("none".to_string(), None),
         };
-        let measured = self.measured.map_or("—".into(), |m| format!("{m:.2}{}", self.unit));
+        let measured = self.measured.map_or("—".into(), |m| format!("{}{}", two_places(m), self.unit));
         let verdict = match met {
             Some(true) => "met",
             Some(false) => "**not met**",
+            None if matches!(self.goal, Goal::Documented) => "documented",
             None => "n/a (a measurement was skipped or failed)",
         };
         let _ = writeln!(out, "| {} | {measured} | {goal} | {verdict} |", self.check);
+    }
+}
+
+/// Explained ÷ plain rows/s per method and job size, and the explained p99 inside the worker.
+fn explain_targets(explain: &ExplainReport, targets: &mut Vec<Target>) {
+    for c in &explain.throughput {
+        let plural = if c.rows_per_job == 1 { "" } else { "s" };
+        let check = format!(
+            "Explanations, {} (`{}`), {}-row job{plural}: explained ÷ plain (rows/s, medians)",
+            c.method.name, c.method.model, c.rows_per_job
+        );
+        let goal = c.method.goal.map_or(Goal::Documented, Goal::AtLeast);
+        targets.push(Target::value(&check, c.ratio(), "", goal));
+    }
+    for case in &explain.latency {
+        let check = format!(
+            "Explanations, {} (`{}`): 1-row explained p99 in the worker at {} jobs/s",
+            case.method.name,
+            case.method.model,
+            thousands(OPEN_LOOP_RATE)
+        );
+        let p99 = case.explained.done().map(|l| millis(l.worker_p99));
+        targets.push(Target::value(&check, p99, " ms", Goal::AtMost(explained::LATENCY_TARGET_MS)));
+    }
+}
+
+/// Two decimal places, or two significant digits for a figure too small to show in them.
+pub fn two_places(value: f64) -> String {
+    if value != 0.0 && value.abs() < 0.005 {
+        format!("{value:.1e}")
+    } else {
+        format!("{value:.2}")
     }
 }
 

@@ -467,7 +467,7 @@ async fn prefill_bulk(bench: &Bench, topology: &Topology, reply_to: &str, count:
 }
 
 /// CPU time (user + system) a process has used so far, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -477,7 +477,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// The local RabbitMQ node's Erlang VM, for its CPU use.
-fn broker_pid() -> Option<u32> {
+pub fn broker_pid() -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|entry| {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;

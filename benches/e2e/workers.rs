@@ -69,10 +69,24 @@ impl Worker {
     /// readiness was seen. A worker that refuses a setting it does not know yet, or a Python
     /// without the packages, is a [`Skip`].
     pub async fn start(bench: &Bench, kind: Kind, topology: &Topology, name: &str) -> Result<(Worker, Instant)> {
+        Self::start_with_env(bench, kind, topology, name, &[]).await
+    }
+
+    /// [`Worker::start`] with further `BATCHSCORE__…` variables for a batchscore worker (another
+    /// model repository, other limits); the Python workers take none.
+    pub async fn start_with_env(
+        bench: &Bench,
+        kind: Kind,
+        topology: &Topology,
+        name: &str,
+        env: &[(&str, String)],
+    ) -> Result<(Worker, Instant)> {
         let log = bench.logs.join(format!("{name}.log"));
         let stderr = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut worker = if kind.is_batchscore() {
-            spawn_batchscore(bench, kind, topology, name, log, stderr)?
+            spawn_batchscore(bench, kind, topology, name, env, log, stderr)?
+        } else if !env.is_empty() {
+            bail!("{name}: the Python workers take no BATCHSCORE__ settings");
         } else {
             spawn_python(bench, kind, topology, name, log, stderr)?
         };
@@ -220,6 +234,7 @@ fn spawn_batchscore(
     kind: Kind,
     topology: &Topology,
     name: &str,
+    env: &[(&str, String)],
     log: PathBuf,
     stderr: File,
 ) -> Result<Worker> {
@@ -239,6 +254,7 @@ fn spawn_batchscore(
     if kind == Kind::NoopEngine {
         command.env("BATCHSCORE__INFERENCE__ENGINE", "noop");
     }
+    command.envs(env.iter().map(|(key, value)| (*key, value.as_str())));
     let child = command.spawn().context("starting the batchscore worker")?;
     Ok(Worker { name: name.to_string(), kind, child, log, metrics: Some(metrics), ready: None, stopped: false })
 }

@@ -74,6 +74,9 @@ impl Consumer {
         let mut following = true;
         while online.is_open() || bulk.is_open() || !self.decoding.is_empty() {
             let (online_decoding, bulk_decoding) = (online.decoding, bulk.decoding);
+            // Before the branches below decide which lanes to take from: a row budget that comes
+            // free after this look still wakes `reopened`.
+            let held = self.lanes.held_back(bulk_decoding);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !cancelled => {
@@ -112,7 +115,7 @@ impl Consumer {
                         break;
                     }
                 }
-                () = self.lanes.reopened(bulk_decoding) => {}
+                () = self.lanes.reopened(held) => {}
             }
         }
         Ok(())

@@ -229,7 +229,13 @@ impl Explainer {
 /// The features with a positive contribution, largest first (ties in input order), at most `k`.
 fn top_reasons(contributions: &[f64], k: usize) -> Vec<usize> {
     let mut positive: Vec<usize> = (0..contributions.len()).filter(|&i| contributions[i] > 0.0).collect();
-    positive.sort_by(|&a, &b| contributions[b].total_cmp(&contributions[a]).then(a.cmp(&b)));
+    let order = |a: &usize, b: &usize| contributions[*b].total_cmp(&contributions[*a]).then(a.cmp(b));
+    if positive.len() > k && k > 0 {
+        // Only the first k need sorting.
+        positive.select_nth_unstable_by(k - 1, order);
+        positive.truncate(k);
+    }
+    positive.sort_by(order);
     positive.truncate(k);
     positive
 }
