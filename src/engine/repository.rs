@@ -243,7 +243,9 @@ fn scan(root: &Path) -> Result<Vec<Candidate>, RepositoryError> {
         for (version_name, version_dir) in subdirectories(&dir)? {
             let Ok(version) = version_name.parse::<u64>() else { continue };
             let file = version_dir.join(MODEL_FILE);
-            if let Some(stamp) = file.is_file().then(|| Stamp::of(&file, &config_file, baseline_file.as_deref())).flatten() {
+            if let Some(stamp) =
+                file.is_file().then(|| Stamp::of(&file, &config_file, baseline_file.as_deref())).flatten()
+            {
                 on_disk.insert(version, (file, stamp));
             }
         }
