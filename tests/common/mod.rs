@@ -337,14 +337,29 @@ impl Drop for WorkerProcess {
 /// A worker process on the test's queues and the fixture models; its log goes to a file in the
 /// temporary directory named after the jobs queue.
 pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> WorkerProcess {
-    let amqp = &settings.amqp;
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker{n}.log", amqp.jobs_queue)))
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker{n}.log", settings.amqp.jobs_queue)))
         .expect("log file");
-    std::process::Command::new(env!("CARGO_BIN_EXE_batchscore"))
+    worker_command(settings, metrics_listen)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(WorkerProcess)
+        .expect("worker process starts")
+}
+
+/// `batchscore worker` on the test's queues and models, logging at info, for a test to add its
+/// settings (environment variables) and streams to. The broker is the settings file's (or that
+/// of an inherited BATCHSCORE__AMQP__URL), unless the test sets one.
+pub fn worker_command(settings: &Settings, metrics_listen: &str) -> Command {
+    let amqp = &settings.amqp;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_batchscore"));
+    command
         .arg("worker")
         .current_dir(root())
+        // RUST_LOG of the person running the tests would win over the level set here.
+        .env_remove("RUST_LOG")
         .env("BATCHSCORE__AMQP__JOBS_QUEUE", &amqp.jobs_queue)
         .env("BATCHSCORE__AMQP__RESULTS_QUEUE", &amqp.results_queue)
         .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
@@ -352,12 +367,8 @@ pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> Worker
         .env("BATCHSCORE__MODELS__REPOSITORY", &settings.models.repository)
         .env("BATCHSCORE__MODELS__POLL_INTERVAL_MS", settings.models.poll_interval_ms.to_string())
         .env("BATCHSCORE__METRICS__LISTEN", metrics_listen)
-        .env("BATCHSCORE__LOGGING__LEVEL", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(WorkerProcess)
-        .expect("worker process starts")
+        .env("BATCHSCORE__LOGGING__LEVEL", "info");
+    command
 }
 
 pub fn free_port() -> u16 {
