@@ -10,7 +10,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
@@ -236,6 +236,51 @@ fn a_broker_certificate_from_an_unknown_ca_exits_2_naming_ca_file() {
     assert!(text.contains(&path(&ca_file)), "the file is named:\n{text}");
     assert!(!text.contains("retrying"), "a refused certificate is not retried:\n{text}");
     assert!(!text.contains(node.password(user)), "the password leaked:\n{text}");
+}
+
+/// A TLS listener of the test's own that presents `certificate` and drops each connection after
+/// the handshake (the shared node's certificate cannot change while other tests use it). Returns
+/// its port; it listens until the test process exits.
+fn tls_listener(certificate: &Issued) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(&certificate.cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .expect("the certificate file");
+    let key = PrivateKeyDer::from_pem_file(&certificate.key).expect("the key file");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("a server configuration");
+    let config = Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("a bound listener has an address").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let Ok(connection) = rustls::ServerConnection::new(Arc::clone(&config)) else { continue };
+            // Reading drives the handshake, which ends when the client refuses the certificate.
+            let _ = std::io::Read::read(&mut rustls::StreamOwned::new(connection, stream), &mut [0u8; 1]);
+        }
+    });
+    port
+}
+
+#[test]
+fn an_expired_broker_certificate_exits_2() {
+    let authority = Authority::new(&node().pki.join("expired"), "expiring");
+    let port = tls_listener(&authority.expired_server("expired-server", &["localhost"]));
+    let output = worker_expected_to_exit(
+        "tls-expired",
+        &[
+            ("BATCHSCORE__AMQP__URL", format!("amqps://guest:guest@localhost:{port}/%2f")),
+            ("BATCHSCORE__AMQP__TLS__CA_FILE", path(&authority.ca_file())),
+        ],
+    );
+    let text =
+        assert_exit_2_saying(&output, &[&format!("TLS with RabbitMQ at localhost:{port}"), "certificate has expired"]);
+    assert!(!text.contains("retrying"), "an expired certificate is not retried:\n{text}");
 }
 
 #[test]

@@ -56,6 +56,16 @@ impl Authority {
         self.issue(stem, params)
     }
 
+    /// A server certificate like [`Authority::server`]'s, valid only in the year 2000.
+    pub fn expired_server(&self, stem: &str, names: &[&str]) -> Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("valid subject alternative names");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        self.issue(stem, params)
+    }
+
     /// A client certificate whose subject's common name is `common_name` (the broker user of a
     /// certificate login), written as `<stem>.pem` and `<stem>.key`.
     pub fn client(&self, stem: &str, common_name: &str) -> Issued {
