@@ -111,6 +111,74 @@ impl Rejection {
     pub fn dead_letters(&self) -> bool {
         !matches!(self, Rejection::Expired(_))
     }
+
+    /// The message for the log: what is wrong and where, without the job's values. The full
+    /// message goes back to the publisher who sent them; see [`without_values`].
+    pub fn without_values(&self) -> String {
+        without_values(self.message())
+    }
+}
+
+/// `message` with every literal in it replaced by `…`: quoted text (`"…"`, `` `…` ``) and
+/// numbers, except positions: an index written `[3]`, and the number after `line`, `column`,
+/// `offset` or `row`. Words stay (field, feature and model names, the kind of problem), so
+/// `rows[0][3] = 1e39 is outside the float32 range` becomes `rows[0][3] = … is outside the
+/// float32 range`. Applicant data in a job is values, so none of it survives; a message quoting a
+/// value the worker did not foresee loses it all the same.
+pub fn without_values(message: &str) -> String {
+    const POSITION_WORDS: [&str; 4] = ["line ", "column ", "offset ", "row "];
+    let chars: Vec<char> = message.chars().collect();
+    let at = |i: usize| chars.get(i).copied();
+    let digit_at = |i: usize| at(i).is_some_and(|c| c.is_ascii_digit());
+    let mut out = String::with_capacity(message.len());
+    let mut i = 0;
+    while let Some(c) = at(i) {
+        if c == '"' || c == '`' {
+            let mut end = i + 1;
+            while let Some(d) = at(end).filter(|&d| d != c) {
+                end += if d == '\\' { 2 } else { 1 };
+            }
+            out.push(c);
+            out.push('…');
+            if end < chars.len() {
+                out.push(c);
+            }
+            i = end + 1;
+            continue;
+        }
+        // Part of a name: `float32`, `UTF-8`, `x-delivery-limit`.
+        let word_char = |j: usize| at(j).is_some_and(|p| p.is_alphanumeric() || p == '_');
+        let in_word = i > 0
+            && (word_char(i - 1) || (at(i - 1) == Some('-') && i > 1 && at(i - 2).is_some_and(char::is_alphabetic)));
+        let starts_number = c.is_ascii_digit() || (matches!(c, '-' | '+' | '.') && digit_at(i + 1));
+        if in_word || !starts_number {
+            out.push(c);
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        loop {
+            match at(end) {
+                Some(d) if d.is_ascii_digit() || d == '.' => end += 1,
+                Some('e' | 'E') if digit_at(end + 1) => end += 2,
+                Some('e' | 'E') if matches!(at(end + 1), Some('-' | '+')) && digit_at(end + 2) => end += 3,
+                // Glued to letters (`2nd`, `0x1f`): still a literal, masked whole.
+                Some(d) if d.is_alphanumeric() || d == '_' => end += 1,
+                _ => break,
+            }
+        }
+        let token: String = chars[i..end].iter().collect();
+        let index = i > 0 && at(i - 1) == Some('[') && at(end) == Some(']');
+        let position = POSITION_WORDS.iter().any(|word| out.ends_with(word));
+        let whole = token.bytes().all(|b| b.is_ascii_digit());
+        if whole && (index || position) {
+            out.push_str(&token);
+        } else {
+            out.push('…');
+        }
+        i = end;
+    }
+    out
 }
 
 impl From<InferenceError> for Rejection {
@@ -300,4 +368,34 @@ impl Completion {
 /// Now in epoch milliseconds, the unit of job deadlines.
 pub fn epoch_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_values;
+
+    #[test]
+    fn values_are_masked_and_positions_kept() {
+        let cases = [
+            ("rows[0][3] = 1234567890000 is outside the float32 range", "rows[0][3] = … is outside the float32 range"),
+            (
+                "inputs[1] (\"income\") data[7] = 1.23456789e305 is outside the float32 range (the model's input type)",
+                "inputs[1] (\"…\") data[7] = … is outside the float32 range (the model's input type)",
+            ),
+            (
+                "invalid type: string \"Jane Doe\", expected rows[2][0] to be a number at line 1 column 48",
+                "invalid type: string \"…\", expected rows[2][0] to be a number at line 1 column 48",
+            ),
+            ("invalid value: integer `-5`, expected u64", "invalid value: integer `…`, expected u64"),
+            ("id must be a string, found -12.5e-3", "id must be a string, found …"),
+            ("row 3 has 5 values; model m2 expects 4", "row 3 has … values; model m2 expects …"),
+            ("job body is not UTF-8 (invalid byte at offset 17)", "job body is not UTF-8 (invalid byte at offset 17)"),
+            ("records[4].income_2 has a \"quote \\\" inside\"", "records[4].income_2 has a \"…\""),
+            ("shape [3, 4] holds 0x1f and 2nd", "shape […, …] holds … and …"),
+            ("unterminated \"quote", "unterminated \"…"),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(without_values(message), expected, "{message}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Column, InferenceError, ModelVersion, PooledSession};
 use crate::faults;
-use crate::flow::{Batch, Rejection, ScoredBatch, Segment};
+use crate::flow::{self, Batch, Rejection, ScoredBatch, Segment};
 use crate::supervisor::{Gone, Supervisor};
 use crate::telemetry;
 
@@ -74,7 +74,9 @@ fn run_isolating(model: &ModelVersion, session: &mut Session, batch: Batch) -> V
     match outcome {
         Ok(columns) => vec![(batch.segments, Ok(columns))],
         Err(error) if batch.segments.len() > 1 => {
-            tracing::warn!(model = %model.name, version = model.version, jobs = batch.segments.len(), %error,
+            // Without values: ONNX Runtime's message might quote an input (see Rejection::without_values).
+            let problem = flow::without_values(&error.to_string());
+            tracing::warn!(model = %model.name, version = model.version, jobs = batch.segments.len(), problem,
                 "batch failed; re-running it in parts to isolate the failing jobs");
             let (first, second) = halve(batch, model.signature.n_features);
             let mut parts = run_isolating(model, session, first);

@@ -13,7 +13,8 @@
 //!   [`explain`]ations where the job asked; [`encode`] writes the bodies
 //! - [`amqp::publisher`]: publishes with confirms, then acknowledges the job
 //!
-//! [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
+//! [`amqp::endpoint`] checks where and how the worker connects (TLS, certificate login, the
+//! plaintext rule) before it does; [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
 //! with the repository; [`worker`] starts everything; [`settings`] and [`telemetry`] serve all
 //! stages; [`submit`] and [`inspect`] are client commands; [`faults`] lets tests make a stage
 //! panic.

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit code for set-up problems a person must fix before anything can run: settings, the ONNX
 /// Runtime library, the model repository (including an execution provider that cannot be
-/// registered), the metrics listener, and a broker that refuses the credentials or vhost. Failures
+/// registered), the metrics listener, the broker settings (the plaintext rule, TLS files, secret
+/// files), and a broker that refuses the credentials, the vhost or the TLS handshake. Failures
 /// during a run exit 1.
 const EXIT_SETUP: u8 = 2;
 

@@ -32,8 +32,9 @@ pub enum SessionError {
 
 /// Runs until `shutdown` fires, reconnecting whenever the broker connection is lost or a stage
 /// fails. Jobs are scored by the versions of the latest `repository` snapshot. Returns an error
-/// only when the broker refuses the worker's credentials or vhost before it ever connected: the
-/// settings must change, so retrying would only hide the problem.
+/// only when the broker refuses the worker before it ever connected (its credentials, vhost or
+/// TLS handshake: [`AmqpError::is_refusal`]): the settings must change, so retrying would only
+/// hide the problem.
 pub async fn run(
     settings: &Settings,
     repository: watch::Receiver<Arc<Repository>>,

@@ -161,13 +161,18 @@ fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
     }
 }
 
+/// Logs why a job got an error result. The worker writes these messages itself, but one can carry
+/// ONNX Runtime's words about the run, which might quote an input: the log gets them without
+/// values (`Rejection::without_values`), trace level the full message.
 fn log_rejection(job: &JobMeta, rejection: &Rejection) {
-    let (job_id, model, error) = (&job.job_id, &job.model.name, rejection.message());
+    let (job_id, model, code) = (&job.job_id, &job.model.name, rejection.code().as_str());
+    let problem = rejection.without_values();
     if rejection.dead_letters() {
-        tracing::error!(job_id, model, error, "job not scored");
+        tracing::error!(job_id, model, code, problem, "job not scored");
     } else {
-        tracing::info!(job_id, model, error, "job expired");
+        tracing::info!(job_id, model, code, problem, "job expired");
     }
+    tracing::trace!(job_id, model, code, error = rejection.message(), "job answered with an error: the full message");
 }
 
 #[cfg(test)]

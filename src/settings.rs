@@ -1,6 +1,7 @@
 //! Worker settings: `settings.yaml` (or `--config PATH`) overlaid with `BATCHSCORE__<SECTION>__<KEY>`
 //! environment variables, checked once at start-up so that a bad value is reported by its key.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,15 @@ pub enum SettingsError {
     },
     #[error("setting {key}: {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// A secret named by a `*_file` setting cannot be read. The message names the file, never
+    /// its content.
+    #[error("setting {key}: cannot read {}: {source}; mount the secret there or unset {key}", path.display())]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,12 +56,25 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
 }
 
+/// The broker of `amqp.url` when no setting names one: the local RabbitMQ, as guest.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// Broker connection and queues.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
-    /// AMQP URI, `amqp://` or `amqps://` (credentials and vhost included).
+    /// AMQP URI, `amqp://` or `amqps://` (credentials and vhost included). After loading it is
+    /// the URI the worker connects to, with the secrets of `url_file` and `password_file` in it:
+    /// print it only through [`redact`].
     pub url: String,
+    /// File holding the whole AMQP URI (a mounted Secret), instead of `url`.
+    pub url_file: Option<PathBuf>,
+    /// File holding the broker password, which replaces the password of the URI.
+    pub password_file: Option<PathBuf>,
+    /// Allow plaintext `amqp://` to a broker that is not on this machine (loopback).
+    pub allow_plaintext: bool,
+    /// TLS of `amqps://` connections.
+    pub tls: TlsSettings,
     /// Queue of the online lane: jobs whose rows are batched first.
     pub jobs_queue: String,
     /// Queue of the bulk lane (empty: no bulk lane); its rows run when the online lane has none.
@@ -85,7 +108,11 @@ pub struct AmqpSettings {
 impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url: DEFAULT_AMQP_URL.into(),
+            url_file: None,
+            password_file: None,
+            allow_plaintext: false,
+            tls: TlsSettings::default(),
             jobs_queue: "scoring.jobs".into(),
             bulk_queue: String::new(),
             results_queue: "scoring.results".into(),
@@ -100,6 +127,153 @@ impl Default for AmqpSettings {
             connection_name: "batchscore".into(),
             reconnect_max_backoff_ms: 30_000,
         }
+    }
+}
+
+/// Written by hand so that the URI's password never reaches a log line or a panic message: the
+/// URI is shown through [`redact`].
+impl fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &redact(&self.url))
+            .field("url_file", &self.url_file)
+            .field("password_file", &self.password_file)
+            .field("allow_plaintext", &self.allow_plaintext)
+            .field("tls", &self.tls)
+            .field("jobs_queue", &self.jobs_queue)
+            .field("bulk_queue", &self.bulk_queue)
+            .field("results_queue", &self.results_queue)
+            .field("prefetch", &self.prefetch)
+            .field("bulk_prefetch", &self.bulk_prefetch)
+            .field("bulk_yield_ms", &self.bulk_yield_ms)
+            .field("declare_queues", &self.declare_queues)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .field("connection_name", &self.connection_name)
+            .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
+            .finish()
+    }
+}
+
+impl AmqpSettings {
+    /// Puts the secrets of `url_file` and `password_file` into `url`. `url_given`: a source (the
+    /// settings file or the environment) set `url`, which `url_file` would contradict.
+    fn resolve_secrets(&mut self, url_given: bool) -> Result<(), SettingsError> {
+        if let Some(path) = &self.url_file {
+            if url_given {
+                return Err(SettingsError::Invalid {
+                    key: "amqp.url_file",
+                    problem: format!(
+                        "({}) is set, and so is amqp.url (in the settings file or BATCHSCORE__AMQP__URL); keep \
+                         one of them",
+                        path.display()
+                    ),
+                });
+            }
+            self.url = read_secret("amqp.url_file", path)?;
+        }
+        if let Some(path) = &self.password_file {
+            let password = read_secret("amqp.password_file", path)?;
+            self.url = with_password(&self.url, &password).ok_or_else(|| SettingsError::Invalid {
+                key: "amqp.password_file",
+                problem: format!(
+                    "needs a user name in the broker URI to go with the password, e.g. \
+                         amqps://batchscore@broker.example:5671/%2f (the URI is {})",
+                    redact(&self.url)
+                ),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The key the URI came from, for error messages.
+    fn url_key(&self) -> &'static str {
+        if self.url_file.is_some() {
+            "amqp.url_file"
+        } else {
+            "amqp.url"
+        }
+    }
+}
+
+/// TLS of `amqps://` connections. The broker's certificate is always verified, its host name
+/// included: there is no setting to turn that off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// CA certificates (PEM) the broker's certificate must chain to; when set, no other CA is
+    /// trusted. Empty: the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, the certificate first, then any intermediates), for brokers that
+    /// verify clients and for certificate login (`?auth_mechanism=external` in the URI).
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// A secret's file content without its trailing line break (`echo secret > file` adds one; a
+/// Kubernetes Secret mounted as a file has none).
+fn read_secret(key: &'static str, path: &Path) -> Result<String, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::SecretFile {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(SettingsError::Invalid { key, problem: format!("{} is empty", path.display()) });
+    }
+    Ok(secret.to_string())
+}
+
+/// `url` with `password` (percent-encoded) as the password of its user; `None` when the URI
+/// names no user.
+fn with_password(url: &str, password: &str) -> Option<String> {
+    let authority_start = url.find("://")? + 3;
+    let rest = &url[authority_start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let at = authority.rfind('@')?;
+    let user = authority[..at].split(':').next().unwrap_or_default();
+    if user.is_empty() {
+        return None;
+    }
+    Some(format!("{}{user}:{}{}", &url[..authority_start], percent_encode(password), &rest[at..]))
+}
+
+/// Every byte but the URI's unreserved characters as `%XX`, so a password may hold `@`, `:`,
+/// `/` or `%`.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len() * 3);
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// `amqp://user:secret@host` → `amqp://user:***@host`. Everything up to the last `@` counts as
+/// credentials, so a password holding an unencoded `/`, `?` or `@` is hidden too.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &credentials[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -288,25 +462,43 @@ impl Default for ShutdownSettings {
 }
 
 impl Settings {
-    /// Reads `path` (which must exist when `required`), then environment overrides, then validates.
+    /// Reads `path` (which must exist when `required`), then environment overrides, then the
+    /// secret files they name; then validates.
     pub fn load(path: &Path, required: bool) -> Result<Self, SettingsError> {
         let load_error = |source| SettingsError::Load { path: path.to_path_buf(), source };
-        let settings: Settings = config::Config::builder()
+        let sources = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Yaml).required(required))
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX).prefix_separator("__").separator("__").try_parsing(true),
             )
             .build()
-            .and_then(config::Config::try_deserialize)
             .map_err(load_error)?;
+        // Whether the file or the environment set amqp.url, which amqp.url_file may not meet.
+        let url_given = sources.get_string("amqp.url").is_ok();
+        let mut settings: Settings = sources.try_deserialize().map_err(load_error)?;
+        settings.amqp.resolve_secrets(url_given)?;
         settings.validate()?;
         Ok(settings)
     }
 
     pub fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |key, problem: &str| Err(SettingsError::Invalid { key, problem: problem.to_string() });
-        if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
-            return invalid("amqp.url", "must start with amqp:// or amqps://");
+        let amqps = self.amqp.url.starts_with("amqps://");
+        if !(amqps || self.amqp.url.starts_with("amqp://")) {
+            return invalid(self.amqp.url_key(), "must start with amqp:// or amqps://");
+        }
+        let tls = &self.amqp.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return invalid(
+                "amqp.tls.key_file",
+                "and amqp.tls.cert_file go together: set both (the client certificate and its key) or neither",
+            );
+        }
+        if tls.is_set() && !amqps {
+            return invalid(
+                "amqp.tls",
+                "is set, but the broker URI is amqp:// and would not use it: use amqps:// (or remove amqp.tls)",
+            );
         }
         if self.amqp.jobs_queue.is_empty() {
             return invalid("amqp.jobs_queue", "must not be empty");
@@ -379,6 +571,102 @@ mod tests {
         assert_eq!(settings.amqp.results_queue, "scoring.results");
         assert_eq!(settings.models.repository, PathBuf::from("models"));
         assert_eq!(settings.batching, BatchingSettings::default());
+        let (amqp, defaults) = (&settings.amqp, AmqpSettings::default());
+        // The environment may point the suite at another broker.
+        if std::env::var_os("BATCHSCORE__AMQP__URL").is_none() {
+            assert_eq!(amqp.url, defaults.url);
+        }
+        assert_eq!((&amqp.url_file, &amqp.password_file, amqp.allow_plaintext), (&None, &None, false));
+        assert_eq!((&amqp.tls.ca_file, &amqp.tls.cert_file, &amqp.tls.key_file), (&None, &None, &None));
+    }
+
+    /// A directory of its own with `settings.yaml` holding `yaml`, and the secret files `files`.
+    fn write_settings(yaml: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("batchscore-settings-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let yaml = yaml.replace("$DIR", &dir.display().to_string());
+        std::fs::write(dir.join("settings.yaml"), yaml).expect("settings file");
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content).expect("secret file");
+        }
+        dir
+    }
+
+    fn load_in(dir: &Path) -> Result<Settings, SettingsError> {
+        let loaded = Settings::load(&dir.join("settings.yaml"), true);
+        let _ = std::fs::remove_dir_all(dir);
+        loaded
+    }
+
+    #[test]
+    fn password_file_replaces_the_password_and_stays_out_of_debug() {
+        let dir = write_settings(
+            "amqp:\n  url: amqps://scorer:placeholder@broker.example:5671/risk\n  password_file: $DIR/password\n",
+            &[("password", "s3cret/with@odd:chars%\n")],
+        );
+        let settings = load_in(&dir).expect("loads");
+        assert_eq!(settings.amqp.url, "amqps://scorer:s3cret%2Fwith%40odd%3Achars%25@broker.example:5671/risk");
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("amqps://scorer:***@broker.example:5671/risk"), "{shown}");
+    }
+
+    #[test]
+    fn url_file_gives_the_whole_uri() {
+        let dir = write_settings(
+            "amqp:\n  url_file: $DIR/url\n",
+            &[("url", "amqps://scorer:from-file@broker.example:5671/risk\r\n")],
+        );
+        assert_eq!(load_in(&dir).expect("loads").amqp.url, "amqps://scorer:from-file@broker.example:5671/risk");
+    }
+
+    #[test]
+    fn url_file_and_url_together_are_refused() {
+        let dir = write_settings(
+            "amqp:\n  url: amqps://scorer:x@broker.example/risk\n  url_file: $DIR/url\n",
+            &[("url", "amqps://scorer:from-file@broker.example:5671/risk\n")],
+        );
+        let message = load_in(&dir).expect_err("refused").to_string();
+        assert!(message.contains("amqp.url_file") && message.contains("amqp.url "), "{message}");
+        assert!(message.contains(&format!("{}", dir.join("url").display())), "names the file: {message}");
+        assert!(!message.contains("from-file"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_named_with_its_key() {
+        let dir = write_settings("amqp:\n  password_file: $DIR/absent\n", &[]);
+        let error = load_in(&dir).expect_err("refused");
+        let message = error.to_string();
+        assert!(matches!(error, SettingsError::SecretFile { key: "amqp.password_file", .. }), "{message}");
+        assert!(message.contains("/absent") && message.contains("No such file"), "{message}");
+    }
+
+    #[test]
+    fn a_password_file_needs_a_user_in_the_uri() {
+        let dir = write_settings(
+            "amqp:\n  url: amqps://broker.example/risk\n  password_file: $DIR/password\n",
+            &[("password", "s3cret\n")],
+        );
+        let message = load_in(&dir).expect_err("refused").to_string();
+        assert!(message.contains("amqp.password_file") && message.contains("user name"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+    }
+
+    #[test]
+    fn tls_settings_are_checked_together() {
+        let dir = write_settings("amqp:\n  url: amqps://broker.example/risk\n  tls:\n    cert_file: /c.pem\n", &[]);
+        assert!(load_in(&dir).expect_err("refused").to_string().contains("amqp.tls.key_file"));
+        let dir = write_settings("amqp:\n  url: amqp://localhost/risk\n  tls:\n    ca_file: /ca.pem\n", &[]);
+        assert!(load_in(&dir).expect_err("refused").to_string().contains("amqps://"));
+    }
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(
+            redact("amqps://u:p/w?d@h:5671/v?auth_mechanism=external"),
+            "amqps://u:***@h:5671/v?auth_mechanism=external"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use ort::environment::Environment;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::AmqpError;
+use crate::amqp::{AmqpError, Endpoint};
 use crate::engine::runtime::{self, RuntimeError};
 use crate::engine::{repository::RepositoryError, Repository};
 use crate::settings::Settings;
@@ -19,6 +19,10 @@ use crate::{pipeline, reload};
 /// line exits 2), and each message names the setting involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The broker settings cannot work (the URI, the plaintext rule, a TLS file): found before the
+    /// models load, so a wrong file fails start-up at once.
+    #[error(transparent)]
+    Broker(#[from] AmqpError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
@@ -46,6 +50,9 @@ pub struct Worker {
 
 impl Worker {
     pub async fn start(settings: Settings) -> Result<Self, StartError> {
+        // Debug-formatted settings show the broker URI without its password.
+        tracing::debug!(?settings, "starting");
+        Endpoint::resolve(&settings.amqp)?;
         // Installed first: metrics recorded while models load would otherwise be lost.
         telemetry::recorder();
         let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
@@ -71,7 +78,8 @@ impl Worker {
     }
 
     /// Consumes until `shutdown` fires and in-flight jobs are drained. Fails only when the broker
-    /// refuses the credentials or vhost at start-up.
+    /// refuses the worker at start-up (credentials, vhost, TLS handshake: see
+    /// [`AmqpError::is_refusal`]).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AmqpError> {
         let (snapshots, repository) = watch::channel(self.repository);
         let reloads = tokio::spawn(reload::run(self.env, self.settings.clone(), snapshots, shutdown.clone()));

@@ -319,3 +319,58 @@ async fn submit_writes_results_in_input_order() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(worker.stop().await, 0);
 }
+
+/// A job with a distinctive bad value and a job with a distinctive good one, through a worker
+/// logging at debug level: the error result quotes the bad value to its sender, the log says what
+/// was wrong and where, and neither value appears in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_values_stay_out_of_the_log_at_debug_level() {
+    let settings = common::settings("log-values", &fixtures_repository());
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let log = std::env::temp_dir().join(format!("{}.log", settings.amqp.jobs_queue));
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let mut command = common::worker_command(&settings, &metrics.to_string());
+    command.env("BATCHSCORE__LOGGING__LEVEL", "debug").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
+    let mut worker = common::WorkerProcess(command.spawn().expect("worker starts"));
+    common::wait_until_ready(metrics, START_UP_PATIENCE).await;
+
+    let mut client = common::Client::new(&settings).await;
+    let row: Vec<serde_json::Value> = expected("linear_v1")["rows"][0].as_array().expect("a row").clone();
+    // 123456.789e300 is beyond float32; the message writes it out in full, 123456789000…
+    let mut bad = serde_json::to_string(&serde_json::json!({"job_id": "bad", "model": "linear", "rows": [row]}))
+        .expect("job serialises");
+    let first_value = row[0].to_string();
+    bad = bad.replacen(&format!("[[{first_value},"), "[[123456.789e300,", 1);
+    client.send_raw(bad.as_bytes(), Default::default()).await;
+    let mut good_row = row.clone();
+    good_row[1] = serde_json::json!(0.7654321);
+    client.send(&serde_json::json!({"job_id": "good", "model": "linear", "rows": [good_row]})).await;
+    let results = client.results(2).await;
+    let result = |id: &str| results.iter().map(|(r, _)| r).find(|r| r["job_id"] == id).expect("a result").clone();
+    let (bad_result, good_result) = (result("bad"), result("good"));
+    assert_eq!(good_result["status"], "ok", "{good_result}");
+    let answer = bad_result["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(answer.contains("rows[0][0]") && answer.contains("123456789"), "the sender is told the value: {answer}");
+
+    let _ = Command::new("kill").args(["-TERM", &worker.0.id().to_string()]).status();
+    let stopped = Instant::now();
+    while worker.0.try_wait().expect("worker status").is_none() {
+        assert!(stopped.elapsed() < Duration::from_secs(60), "the worker did not stop within 60 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logged = std::fs::read_to_string(&log).expect("the worker's log");
+    let _ = std::fs::remove_file(&log);
+    common::delete_topology(&settings).await;
+    let rejected =
+        logged.lines().find(|l| l.contains("job rejected")).unwrap_or_else(|| panic!("no rejection:\n{logged}"));
+    for needle in ["code=\"invalid_input\"", "rows[0][0]", "outside the float32 range"] {
+        assert!(rejected.contains(needle), "{needle:?} missing from: {rejected}");
+    }
+    assert!(
+        logged.lines().any(|l| l.contains("DEBUG") && l.contains("job accepted") && l.contains("job_id=good")),
+        "the log is at debug level, with a line for the good job:\n{logged}"
+    );
+    for value in ["123456.789e300", "123456789", "1.23456789e305", "7654321"] {
+        assert!(!logged.contains(value), "{value} in the log:\n{logged}");
+    }
+}

@@ -197,16 +197,18 @@ impl Consumer {
                 };
                 let job = Job { meta: Arc::new(meta), inputs };
                 let model = Arc::clone(&job.meta.model);
+                tracing::debug!(job_id = %job.meta.job_id, model = %model.name, version = model.version, rows,
+                    lane = lane.as_str(), "job accepted");
                 self.batchers.route(&model).send(job).await.is_ok()
             }
             Err(error) => {
-                tracing::warn!(
-                    job_id = error.job_id.as_deref().unwrap_or("-"),
-                    model = error.model.as_deref().unwrap_or("-"),
-                    code = error.reason.code().as_str(),
-                    error = %error.reason,
-                    "job rejected"
-                );
+                let (job_id, model) = (error.job_id.as_deref().unwrap_or("-"), error.model.as_deref().unwrap_or("-"));
+                let code = error.reason.code().as_str();
+                // The message can quote the job's values (`rows[0][3] = 1e39 is outside the float32
+                // range`): the error result gives it to the publisher who sent them; the log says
+                // what is wrong and where, and the full message only at trace level.
+                tracing::warn!(job_id, model, code, problem = %error.reason.without_values(), "job rejected");
+                tracing::trace!(job_id, model, code, error = %error.reason, "job rejected: the full message");
                 let model = match error.model.as_deref() {
                     Some(name) if self.repository.names().contains(&name) => name,
                     _ => telemetry::UNKNOWN_MODEL_LABEL,

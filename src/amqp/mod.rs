@@ -1,8 +1,11 @@
-//! RabbitMQ, and the only module that names it: connection, queue declarations, the job
-//! consumer, the confirming publisher, and the job client of `batchscore submit`.
+//! RabbitMQ, and the only module that names it: the connection (TLS, certificate login and the
+//! plaintext rule in [`endpoint`]), queue declarations, the job consumer, the confirming
+//! publisher, and the job client of `batchscore submit`.
 
 pub mod client;
 pub mod consumer;
+pub mod endpoint;
+pub mod error;
 pub mod publisher;
 
 use std::time::Duration;
@@ -11,29 +14,11 @@ use lapin::options::{BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+pub use self::endpoint::Endpoint;
+pub use self::error::AmqpError;
 use crate::flow::Lane;
+pub use crate::settings::redact;
 use crate::settings::AmqpSettings;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AmqpError {
-    #[error("cannot connect to RabbitMQ at {url}: {source}")]
-    Connect { url: String, source: lapin::Error },
-    #[error(
-        "RabbitMQ at {host}:{port} refused user {user:?} on vhost {vhost:?}: {reason}; check the user, password and \
-         vhost in amqp.url (or BATCHSCORE__AMQP__URL), and the user's permissions on the vhost"
-    )]
-    Refused { user: String, host: String, port: u16, vhost: String, reason: String },
-    #[error("{queue}: {source} (if it exists with other arguments, e.g. as a classic queue, delete it or set amqp.declare_queues: false)")]
-    Queue { queue: String, source: lapin::Error },
-    #[error("the broker did not confirm a result within {0} ms (amqp.confirm_timeout_ms)")]
-    ConfirmTimeout(u64),
-    #[error("broker channel failed: {0}")]
-    Channel(#[from] lapin::Error),
-    #[error("the broker ended the consumer on {0}")]
-    ConsumerEnded(String),
-    #[error("a result reached the RabbitMQ publisher for a job that did not come from RabbitMQ")]
-    ForeignDelivery,
-}
 
 /// What the publisher needs of a delivery, carried through the pipeline as an opaque
 /// [`crate::flow::Delivery`]: where the result goes, how to acknowledge the job once the result is
@@ -58,20 +43,18 @@ pub fn model_header(properties: &BasicProperties) -> Option<&str> {
     Some(model).filter(|m| !m.is_empty())
 }
 
-impl AmqpError {
-    /// True when the broker answered and refused the credentials or the vhost: retrying the same
-    /// settings cannot succeed.
-    pub fn is_refusal(&self) -> bool {
-        matches!(self, AmqpError::Refused { .. })
-    }
-}
-
-/// Opens a connection; the URL's password is not echoed in errors.
+/// Opens a connection, TLS and certificate login as the settings say; the URI's password is not
+/// echoed in errors. The TLS files are read again for each connection.
 pub async fn connect(settings: &AmqpSettings) -> Result<Connection, AmqpError> {
+    let endpoint = Endpoint::resolve(settings)?;
     let properties = ConnectionProperties::default().with_connection_name(settings.connection_name.as_str().into());
-    Connection::connect(&settings.url, properties).await.map_err(|source| match refusal(&source) {
-        Some(reason) => refused(&settings.url, reason),
-        None => AmqpError::Connect { url: redact(&settings.url), source },
+    let failed = |source| AmqpError::Connect { url: endpoint.shown.clone(), source };
+    let runtime = lapin::runtime::default_runtime().map_err(failed)?;
+    let connecting =
+        Connection::connect_uri_with_config(endpoint.uri.clone(), properties, endpoint.tls.clone(), runtime);
+    connecting.await.map_err(|source| match refusal(&source) {
+        Some(reason) => refused(&endpoint, reason),
+        None => endpoint.tls_failure(&source).unwrap_or_else(|| failed(source)),
     })
 }
 
@@ -86,12 +69,13 @@ fn refusal(error: &lapin::Error) -> Option<String> {
     }
 }
 
-fn refused(url: &str, reason: String) -> AmqpError {
-    let (user, host, port, vhost) = match url.parse::<lapin::uri::AMQPUri>() {
-        Ok(uri) => (uri.authority.userinfo.username, uri.authority.host, uri.authority.port, uri.vhost),
-        Err(_) => (String::new(), redact(url), 0, String::new()),
-    };
-    AmqpError::Refused { user, host, port, vhost, reason }
+fn refused(endpoint: &Endpoint, reason: String) -> AmqpError {
+    let uri = &endpoint.uri;
+    let (host, port, vhost) = (uri.authority.host.clone(), uri.authority.port, uri.vhost.clone());
+    if endpoint.certificate_login() {
+        return AmqpError::RefusedCertificate { host, port, vhost, reason };
+    }
+    AmqpError::Refused { user: uri.authority.userinfo.username.clone(), host, port, vhost, reason }
 }
 
 /// One connection to the broker and the pipeline's two channels on it: the consumer's, with its
@@ -208,27 +192,4 @@ pub async fn confirming_channel(connection: &Connection) -> Result<Channel, Amqp
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok(channel)
-}
-
-/// `amqp://user:secret@host` → `amqp://user:***@host`.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &credentials[..colon], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_password_only() {
-        assert_eq!(super::redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
-        assert_eq!(super::redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
-    }
 }

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod certificates;
 pub mod load;
 pub mod private_broker;
 
@@ -104,19 +105,30 @@ impl TestWorker {
     /// Stops the worker, then returns the jobs left in its queue and the dead-lettered messages,
     /// and deletes the test's queues and exchange.
     pub async fn stop_with_dead_letters(self) -> (u32, Vec<lapin::message::BasicGetMessage>) {
+        let url = self.settings.amqp.url.clone();
+        self.stop_with_dead_letters_via(&url).await
+    }
+
+    /// Like [`TestWorker::stop`], looking at the queues through `url`: another listener of the
+    /// worker's broker (the worker's own URL may need TLS settings that `connect_to` lacks).
+    pub async fn stop_via(self, url: &str) -> u32 {
+        self.stop_with_dead_letters_via(url).await.0
+    }
+
+    async fn stop_with_dead_letters_via(self, url: &str) -> (u32, Vec<lapin::message::BasicGetMessage>) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("worker stops in time")
             .expect("worker task")
             .expect("the broker took the worker's credentials");
-        tokio::time::timeout(BROKER_PATIENCE, Self::leftovers(&self.settings))
+        tokio::time::timeout(BROKER_PATIENCE, Self::leftovers(&self.settings, url))
             .await
             .expect("the broker answers in time")
     }
 
-    async fn leftovers(settings: &Settings) -> (u32, Vec<lapin::message::BasicGetMessage>) {
-        let connection = connect_to(&settings.amqp.url).await;
+    async fn leftovers(settings: &Settings, url: &str) -> (u32, Vec<lapin::message::BasicGetMessage>) {
+        let connection = connect_to(url).await;
         let channel = connection.create_channel().await.expect("channel");
         let amqp = &settings.amqp;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
@@ -133,7 +145,7 @@ impl TestWorker {
         {
             dead_letters.push(message);
         }
-        delete_topology(settings).await;
+        delete_topology_at(url, settings).await;
         (left, dead_letters)
     }
 }
@@ -159,7 +171,12 @@ pub async fn is_ready(metrics: SocketAddr) -> bool {
 
 /// Removes a test's queues and dead-letter exchange.
 pub async fn delete_topology(settings: &Settings) {
-    let connection = connect_to(&settings.amqp.url).await;
+    delete_topology_at(&settings.amqp.url, settings).await;
+}
+
+/// Removes a test's queues and dead-letter exchange, through `url`.
+pub async fn delete_topology_at(url: &str, settings: &Settings) {
+    let connection = connect_to(url).await;
     let channel = connection.create_channel().await.expect("channel");
     let amqp = &settings.amqp;
     // An empty name means "the last queue declared on this channel" to the broker: skip it.
@@ -204,7 +221,15 @@ impl Client {
     }
 
     pub async fn with_reply_queue_arguments(settings: &Settings, arguments: FieldTable) -> Client {
-        let connection = connect().await;
+        Self::connected(connect().await, settings, arguments).await
+    }
+
+    /// A client of the broker at `url` (a private node's).
+    pub async fn at(url: &str, settings: &Settings) -> Client {
+        Self::connected(connect_to(url).await, settings, FieldTable::default()).await
+    }
+
+    async fn connected(connection: Connection, settings: &Settings, arguments: FieldTable) -> Client {
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(Default::default()).await.expect("confirms");
         let reply_queue =
@@ -337,14 +362,29 @@ impl Drop for WorkerProcess {
 /// A worker process on the test's queues and the fixture models; its log goes to a file in the
 /// temporary directory named after the jobs queue.
 pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> WorkerProcess {
-    let amqp = &settings.amqp;
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker{n}.log", amqp.jobs_queue)))
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker{n}.log", settings.amqp.jobs_queue)))
         .expect("log file");
-    std::process::Command::new(env!("CARGO_BIN_EXE_batchscore"))
+    worker_command(settings, metrics_listen)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(WorkerProcess)
+        .expect("worker process starts")
+}
+
+/// `batchscore worker` on the test's queues and models, logging at info, for a test to add its
+/// settings (environment variables) and streams to. The broker is the settings file's (or that
+/// of an inherited BATCHSCORE__AMQP__URL), unless the test sets one.
+pub fn worker_command(settings: &Settings, metrics_listen: &str) -> Command {
+    let amqp = &settings.amqp;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_batchscore"));
+    command
         .arg("worker")
         .current_dir(root())
+        // RUST_LOG of the person running the tests would win over the level set here.
+        .env_remove("RUST_LOG")
         .env("BATCHSCORE__AMQP__JOBS_QUEUE", &amqp.jobs_queue)
         .env("BATCHSCORE__AMQP__RESULTS_QUEUE", &amqp.results_queue)
         .env("BATCHSCORE__AMQP__DEAD_LETTER_EXCHANGE", &amqp.dead_letter_exchange)
@@ -352,12 +392,8 @@ pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> Worker
         .env("BATCHSCORE__MODELS__REPOSITORY", &settings.models.repository)
         .env("BATCHSCORE__MODELS__POLL_INTERVAL_MS", settings.models.poll_interval_ms.to_string())
         .env("BATCHSCORE__METRICS__LISTEN", metrics_listen)
-        .env("BATCHSCORE__LOGGING__LEVEL", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(WorkerProcess)
-        .expect("worker process starts")
+        .env("BATCHSCORE__LOGGING__LEVEL", "info");
+    command
 }
 
 pub fn free_port() -> u16 {

@@ -3,6 +3,14 @@
 //! is stopped and removed when dropped. The shared broker on 127.0.0.1:5672 is never touched:
 //! every `rabbitmqctl` call names this node with `-n`.
 //!
+//! `PrivateBroker::start_with(BrokerOptions { tls: Some(..) })` adds a TLS listener on loopback
+//! (`amqps_url`) with the certificate, key and client CA the test made (`common::certificates`):
+//! the broker verifies a client certificate when one is sent (`ssl_options.verify = verify_peer`),
+//! refuses clients without one only when asked, and offers certificate login (SASL EXTERNAL, the
+//! `rabbitmq_auth_mechanism_ssl` plugin, the user named by the certificate's common name) next to
+//! PLAIN. The files are copied into the node's directory, which user `rabbitmq` can read. Users
+//! are added on this node only: `add_user`.
+//!
 //! The node is started through the Debian wrapper (`rabbitmq-server`, which runs it as user
 //! `rabbitmq`), so the test must run as root or as `rabbitmq`, and `rabbitmqctl` reaches it with
 //! the `rabbitmq` user's Erlang cookie. Each node picks its own name and ports, so a cluster is
@@ -52,10 +60,30 @@ if [ -n "$pid" ] && grep -q beam "/proc/$pid/comm" 2>/dev/null; then kill -KILL 
 rm -rf "$dir"
 "#;
 
+/// What a node offers besides its plaintext AMQP listener.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    pub tls: Option<TlsListener>,
+}
+
+/// A TLS listener's files (PEM) and how it treats client certificates.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// The broker's certificate and its key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA a client certificate must be signed by (`ssl_options.cacertfile`).
+    pub client_ca_file: PathBuf,
+    /// Refuse clients that send no certificate (`ssl_options.fail_if_no_peer_cert`).
+    pub require_client_certificate: bool,
+}
+
 /// One private RabbitMQ node; `url()` is its AMQP URL (guest/guest, loopback only).
 pub struct PrivateBroker {
     node: String,
     amqp_port: u16,
+    /// The TLS listener's port, when the node has one.
+    tls_port: Option<u16>,
     dir: PathBuf,
     /// The `rabbitmq-server` wrapper; the Erlang VM runs below it, in another session.
     server: Child,
@@ -74,8 +102,14 @@ enum BootFailure {
 impl PrivateBroker {
     /// Starts a node and waits until it accepts AMQP connections.
     pub async fn start() -> PrivateBroker {
+        Self::start_with(BrokerOptions::default()).await
+    }
+
+    /// Starts a node with `options` and waits until it accepts AMQP connections, on its TLS
+    /// listener too when it has one.
+    pub async fn start_with(options: BrokerOptions) -> PrivateBroker {
         for _ in 0..ATTEMPTS {
-            let mut broker = Self::spawn().unwrap_or_else(|error| panic!("{error}"));
+            let mut broker = Self::spawn(&options).unwrap_or_else(|error| panic!("{error}"));
             match broker.wait_until_booted().await {
                 Ok(()) => return broker,
                 Err(BootFailure::PortClash) => continue,
@@ -88,6 +122,26 @@ impl PrivateBroker {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// `amqps://<userinfo>@<host>:<TLS port>/%2f<query>`: `userinfo` may be empty (certificate
+    /// login), `query` is empty or starts with `?`. Panics when the node has no TLS listener.
+    pub fn amqps_url(&self, userinfo: &str, host: &str, query: &str) -> String {
+        let port = self.tls_port.expect("the node was started with a TLS listener (BrokerOptions::tls)");
+        let userinfo = if userinfo.is_empty() { String::new() } else { format!("{userinfo}@") };
+        format!("amqps://{userinfo}{host}:{port}/%2f{query}")
+    }
+
+    /// Adds user `name` with `password` and every permission on vhost `/`, on this node only.
+    pub async fn add_user(&self, name: &str, password: &str) {
+        self.rabbitmqctl(&["add_user", name, password]).await;
+        self.rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]).await;
+    }
+
+    /// The node's directory: files a test puts here go with the node (when it is dropped, or by
+    /// its watchdog when the test process exits).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The Erlang node name, `batchscore-test-<id>@localhost`.
@@ -129,12 +183,14 @@ impl PrivateBroker {
     }
 
     /// Prepares a directory, starts the node and its watchdog; does not wait for the boot.
-    fn spawn() -> Result<PrivateBroker, String> {
+    fn spawn(options: &BrokerOptions) -> Result<PrivateBroker, String> {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let node = format!("batchscore-test-{id}@localhost");
-        let (amqp_port, dist_port) = two_free_ports();
+        let ports = free_ports(if options.tls.is_some() { 3 } else { 2 });
+        let (amqp_port, dist_port, tls_port) = (ports[0], ports[1], ports.get(2).copied());
         let dir = std::env::temp_dir().join(format!("batchscore-broker-{id}"));
-        prepare_directory(&dir, amqp_port)?;
+        let tls = options.tls.as_ref().zip(tls_port);
+        prepare_directory(&dir, amqp_port, tls)?;
 
         let console = fs::File::create(dir.join("console.log")).and_then(|file| Ok((file.try_clone()?, file)));
         let (console, console_err) = console.map_err(|e| {
@@ -192,7 +248,7 @@ impl PrivateBroker {
             }
         };
         let watchdog_stdin = watchdog.stdin.take().expect("stdin was piped just above");
-        Ok(PrivateBroker { node, amqp_port, dir, server, watchdog, _watchdog_stdin: watchdog_stdin })
+        Ok(PrivateBroker { node, amqp_port, tls_port, dir, server, watchdog, _watchdog_stdin: watchdog_stdin })
     }
 
     /// Waits until the node's AMQP port answers, the node reports a finished boot, and guest can
@@ -255,6 +311,16 @@ impl PrivateBroker {
             BootFailure::Fatal(format!("the private RabbitMQ node {} refuses guest on {}: {e}", self.node, self.url()))
         })?;
         let _ = connection.close(200, "booted".into()).await;
+        // Listeners open before the boot finishes; this one must be up too.
+        if let Some(port) = self.tls_port {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                return Err(BootFailure::Fatal(format!(
+                    "the private RabbitMQ node {} booted without its TLS listener on port {port}; its log: {}",
+                    self.node,
+                    self.dir.join("log").display()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -333,22 +399,44 @@ fn ctl_command(node: &str, args: &[&str]) -> Command {
     command
 }
 
-/// Two distinct free loopback ports, neither reserved. Both listeners are held while the second
-/// is chosen, so the two differ.
-fn two_free_ports() -> (u16, u16) {
+/// `n` distinct free loopback ports, none reserved. Every listener is held until all are chosen,
+/// so they differ.
+fn free_ports(n: usize) -> Vec<u16> {
     let mut held = Vec::new();
-    while held.len() < 2 {
+    while held.len() < n {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free port on 127.0.0.1");
         let port = listener.local_addr().expect("a bound listener has an address").port();
         if !reserved(port) {
             held.push((listener, port));
         }
     }
-    (held[0].1, held[1].1)
+    held.into_iter().map(|(_, port)| port).collect()
 }
 
-/// Creates the node's directory with its config files, owned by the user the node runs as.
-fn prepare_directory(dir: &Path, amqp_port: u16) -> Result<(), String> {
+/// `rabbitmq.conf` lines of a TLS listener on loopback `port` whose files are in `tls_dir`, with
+/// certificate login next to PLAIN.
+fn tls_config(listener: &TlsListener, port: u16, tls_dir: &Path) -> String {
+    let file = |name: &str| tls_dir.join(name).display().to_string();
+    format!(
+        "listeners.ssl.1 = 127.0.0.1:{port}\n\
+         ssl_options.cacertfile = {}\n\
+         ssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\n\
+         ssl_options.verify = verify_peer\n\
+         ssl_options.fail_if_no_peer_cert = {}\n\
+         auth_mechanisms.1 = PLAIN\n\
+         auth_mechanisms.2 = EXTERNAL\n\
+         ssl_cert_login_from = common_name\n",
+        file("client-ca.pem"),
+        file("server.pem"),
+        file("server.key"),
+        listener.require_client_certificate,
+    )
+}
+
+/// Creates the node's directory with its config files (and the TLS listener's files, copied in),
+/// owned by the user the node runs as.
+fn prepare_directory(dir: &Path, amqp_port: u16, tls: Option<(&TlsListener, u16)>) -> Result<(), String> {
     let write = |name: &str, text: &str| -> Result<(), String> {
         fs::File::create(dir.join(name))
             .and_then(|mut file| file.write_all(text.as_bytes()))
@@ -357,10 +445,26 @@ fn prepare_directory(dir: &Path, amqp_port: u16) -> Result<(), String> {
     for sub in ["mnesia", "log"] {
         fs::create_dir_all(dir.join(sub)).map_err(|e| format!("creating {}: {e}", dir.join(sub).display()))?;
     }
-    // Loopback only; no plugins, so no management or prometheus listener competes with the
-    // shared node's.
-    write("rabbitmq.conf", &format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\n"))?;
-    write("enabled_plugins", "[].\n")?;
+    // Loopback only; no management or prometheus plugin, so no listener competes with the shared
+    // node's. Certificate login is a plugin of its own, without a listener.
+    let mut config = format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\n");
+    let mut plugins = "[].\n";
+    if let Some((listener, port)) = tls {
+        let tls_dir = dir.join("tls");
+        fs::create_dir_all(&tls_dir).map_err(|e| format!("creating {}: {e}", tls_dir.display()))?;
+        for (from, to) in [
+            (&listener.cert_file, "server.pem"),
+            (&listener.key_file, "server.key"),
+            (&listener.client_ca_file, "client-ca.pem"),
+        ] {
+            fs::copy(from, tls_dir.join(to))
+                .map_err(|e| format!("copying {} into {}: {e}", from.display(), tls_dir.display()))?;
+        }
+        config.push_str(&tls_config(listener, port, &tls_dir));
+        plugins = "[rabbitmq_auth_mechanism_ssl].\n";
+    }
+    write("rabbitmq.conf", &config)?;
+    write("enabled_plugins", plugins)?;
     write("rabbitmq-env.conf", "# Everything is set through the environment of rabbitmq-server.\n")?;
     // rabbitmq-server runs the node as user rabbitmq, which must write here. The directory is
     // new, so nothing but this node's files changes owner.
