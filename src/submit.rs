@@ -306,10 +306,8 @@ fn write_output(path: &Path, results: &[Value], explain: bool) -> anyhow::Result
         "csv" => {
             // As many reason columns as the row with the most reasons has.
             let reasons = if explain {
-                output_rows(results)
-                    .filter_map(|row| row.explanation.and_then(|e| e["reasons"].as_array().map(Vec::len)))
-                    .max()
-                    .unwrap_or(0)
+                let explanations = results.iter().filter_map(|r| r["explanations"].as_array()).flatten();
+                explanations.filter_map(|e| e["reasons"].as_array().map(Vec::len)).max().unwrap_or(0)
             } else {
                 0
             };

@@ -256,7 +256,7 @@ impl Replies {
     /// Starts receiving in the background, stamping each result as it arrives.
     pub fn collect(&mut self, expectation: Expectation) -> Result<Collector> {
         let consumer = self.consumer.take().context("the reply queue is already being collected")?;
-        Ok(Collector(tokio::spawn(collect(consumer, expectation))))
+        Ok(Collector::spawn(collect(consumer, expectation)))
     }
 
     pub async fn close(self) {
@@ -265,16 +265,21 @@ impl Replies {
     }
 }
 
-/// A running collection; dropping it stops the collection.
-pub struct Collector(JoinHandle<Result<Collected>>);
+/// A running collection of results into a `T`; dropping it stops the collection.
+pub struct Collector<T = Collected>(JoinHandle<Result<T>>);
 
-impl Collector {
-    pub async fn finish(mut self) -> Result<Collected> {
+impl<T: Send + 'static> Collector<T> {
+    /// Runs `collection` in the background.
+    pub fn spawn(collection: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Self {
+        Self(tokio::spawn(collection))
+    }
+
+    pub async fn finish(mut self) -> Result<T> {
         (&mut self.0).await.context("the result collector panicked")?
     }
 }
 
-impl Drop for Collector {
+impl<T> Drop for Collector<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

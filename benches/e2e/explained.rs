@@ -30,9 +30,8 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
-use tokio::task::JoinHandle;
 
-use crate::broker::Topology;
+use crate::broker::{Collector, Topology};
 use crate::jobs::{self, Job};
 use crate::report::{not_done, thousands, two_places};
 use crate::scenarios::{self, broker_pid, cpu_seconds, Drain, Measured, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS};
@@ -358,22 +357,7 @@ impl Phase {
     /// `count` jobs of `rows_per_job` rows for `model`, ids `<prefix>-<i>`, rows cycled.
     fn jobs(&self, model: &str, prefix: &str, count: usize, rows_per_job: usize, explained: bool) -> Vec<Job> {
         let explain = if explained { r#","explain":true"# } else { "" };
-        (0..count)
-            .map(|i| {
-                let id = format!("{prefix}-{i}");
-                let mut body = format!(r#"{{"job_id":"{id}","model":"{model}","rows":["#);
-                for r in 0..rows_per_job {
-                    if r > 0 {
-                        body.push(',');
-                    }
-                    body.push_str(&self.rows.json[(i * rows_per_job + r) % self.rows.json.len()]);
-                }
-                body.push(']');
-                body.push_str(explain);
-                body.push('}');
-                Job { id, body: body.into_bytes() }
-            })
-            .collect()
+        jobs::build_from(&self.rows.json, model, prefix, count, rows_per_job, explain)
     }
 
     /// An exclusive reply queue named `name` on the phase's connection, consumed without
@@ -420,7 +404,7 @@ impl Phase {
             features: self.rows.features.len(),
             deadline: Instant::now() + PHASE_TIMEOUT,
         };
-        let collector = Collector(tokio::spawn(collect(consumer, expect)));
+        let collector = Collector::spawn(collect(consumer, expect));
         let batch = self.jobs(method.model, "job", jobs, rows_per_job, explained);
         let publisher = bench.broker.publisher().await?;
         let prefill = publisher.prefill(topology.jobs_queue(), &reply_name, &batch).await?;
@@ -538,7 +522,7 @@ impl Phase {
             features: self.rows.features.len(),
             deadline: Instant::now() + PHASE_TIMEOUT,
         };
-        let collector = Collector(tokio::spawn(collect(consumer, expect)));
+        let collector = Collector::spawn(collect(consumer, expect));
         let run = async {
             let publisher = bench.broker.publisher().await?;
             let schedule = publisher.on_schedule(topology.jobs_queue(), &reply_name, &batch, OPEN_LOOP_RATE).await?;
@@ -689,21 +673,6 @@ struct Received {
 impl Received {
     fn duplicates(&self) -> Option<String> {
         (self.duplicates > 0).then(|| format!("{} duplicate results", self.duplicates))
-    }
-}
-
-/// A running collection; dropping it stops the collection.
-struct Collector(JoinHandle<Result<Received>>);
-
-impl Collector {
-    async fn finish(mut self) -> Result<Received> {
-        (&mut self.0).await.context("the result collector panicked")?
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

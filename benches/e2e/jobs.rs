@@ -54,6 +54,19 @@ pub struct Job {
 /// `count` jobs of `rows_per_job` rows for `model`, ids `<prefix>-<i>`; row `r` of job `i` is
 /// sample row [`sample_index`]`(i, rows_per_job, r)`.
 pub fn build(samples: &Samples, model: &str, prefix: &str, count: usize, rows_per_job: usize) -> Vec<Job> {
+    build_from(&samples.json, model, prefix, count, rows_per_job, "")
+}
+
+/// [`build`] from rows given as JSON texts, each body ending with `members` (`,"name":value…`,
+/// or empty).
+pub fn build_from(
+    rows: &[String],
+    model: &str,
+    prefix: &str,
+    count: usize,
+    rows_per_job: usize,
+    members: &str,
+) -> Vec<Job> {
     (0..count)
         .map(|i| {
             let id = format!("{prefix}-{i}");
@@ -62,9 +75,11 @@ pub fn build(samples: &Samples, model: &str, prefix: &str, count: usize, rows_pe
                 if r > 0 {
                     body.push(',');
                 }
-                body.push_str(&samples.json[sample_index(samples.len(), i, rows_per_job, r)]);
+                body.push_str(&rows[sample_index(rows.len(), i, rows_per_job, r)]);
             }
-            body.push_str("]}");
+            body.push(']');
+            body.push_str(members);
+            body.push('}');
             Job { id, body: body.into_bytes() }
         })
         .collect()

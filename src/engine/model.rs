@@ -154,6 +154,21 @@ pub struct Signature {
     pub outputs: Vec<OutputSpec>,
 }
 
+impl Signature {
+    /// An error naming the outputs there are when the model has no output `name`, which
+    /// config.yaml `uses` (`publishes`, `explains`).
+    fn check_output(&self, uses: &str, name: &str) -> Result<(), String> {
+        if self.outputs.iter().any(|o| o.name == name) {
+            return Ok(());
+        }
+        let available: Vec<_> = self.outputs.iter().map(|o| o.name.as_str()).collect();
+        Err(format!(
+            "config.yaml {uses} output {name:?}, which the model does not have (outputs: {})",
+            available.join(", ")
+        ))
+    }
+}
+
 pub struct ModelVersion {
     /// Unique to this load within the process: a file replaced under the same version number
     /// loads with a new id, so its batches never mix with the old file's.
@@ -228,13 +243,7 @@ impl ModelVersion {
             None => signature.outputs.clone(),
             Some(wanted) => {
                 for name in wanted {
-                    if !signature.outputs.iter().any(|o| &o.name == name) {
-                        let available: Vec<_> = signature.outputs.iter().map(|o| o.name.as_str()).collect();
-                        return Err(invalid(format!(
-                            "config.yaml publishes output {name:?}, which the model does not have (outputs: {})",
-                            available.join(", ")
-                        )));
-                    }
+                    signature.check_output("publishes", name).map_err(invalid)?;
                 }
                 signature.outputs.iter().filter(|o| wanted.contains(&o.name)).cloned().collect()
             }
@@ -339,14 +348,7 @@ fn explainer(
     signature: &Signature,
     features: Option<&[String]>,
 ) -> Result<Explainer, String> {
-    if !signature.outputs.iter().any(|o| o.name == config.output) {
-        let available: Vec<_> = signature.outputs.iter().map(|o| o.name.as_str()).collect();
-        return Err(format!(
-            "config.yaml explains output {:?}, which the model does not have (outputs: {})",
-            config.output,
-            available.join(", ")
-        ));
-    }
+    signature.check_output("explains", &config.output)?;
     let folder = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
     Explainer::build(config, bytes, folder, features, signature.n_features).map_err(|e| format!("config.yaml {e}"))
 }
