@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::encode::{encode_error, encode_ok, Timing};
 use crate::engine::Column;
@@ -20,16 +21,124 @@ use crate::telemetry;
 /// Consumes scored batches until every batcher and run has finished.
 pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<Outgoing>) -> Result<(), Gone> {
     let mut reassembly = Reassembly::default();
-    while let Some(batch) = scored.recv().await {
-        if faults::RESULT_STAGE.trip() {
-            panic!("fault injected into the result stage");
-        }
-        for segment in &batch.segments {
-            let Some(outcome) = reassembly.add(segment, &batch) else { continue };
-            publish.send(answer(&segment.job, outcome)).await.map_err(|_| Gone)?;
+    let mut apart = Apart::new();
+    let mut open = true;
+    while open || !apart.is_empty() {
+        tokio::select! {
+            answered = apart.next(), if !apart.is_empty() => {
+                publish.send(answered).await.map_err(|_| Gone)?;
+            }
+            batch = scored.recv(), if open && apart.has_room() => {
+                let Some(batch) = batch else {
+                    open = false;
+                    continue;
+                };
+                if faults::RESULT_STAGE.trip() {
+                    panic!("fault injected into the result stage");
+                }
+                let batch = Arc::new(batch);
+                for segment in &batch.segments {
+                    let Some(finished) = reassembly.add(segment, &batch) else { continue };
+                    let job = Arc::clone(&segment.job);
+                    if finished.is_heavy(&job) {
+                        apart.spawn(move || answer(&job, finished.encode(&job)));
+                    } else {
+                        publish.send(answer(&job, finished.encode(&job))).await.map_err(|_| Gone)?;
+                    }
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Explained jobs from this many rows up are explained and encoded apart ([`Apart`]).
+const EXPLAINED_APART_ROWS: usize = 16;
+
+/// Results encoded on blocking threads, at most one per core: larger explained jobs, whose explanations
+/// (a tree ensemble walked per row) and larger bodies would otherwise hold up every other job in
+/// this one task, and would use one core of several.
+struct Apart {
+    tasks: JoinSet<Outgoing>,
+    limit: usize,
+}
+
+impl Apart {
+    fn new() -> Self {
+        let limit = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Apart { tasks: JoinSet::new(), limit }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn has_room(&self) -> bool {
+        self.tasks.len() < self.limit
+    }
+
+    fn spawn(&mut self, encode: impl FnOnce() -> Outgoing + Send + 'static) {
+        self.tasks.spawn_blocking(encode);
+    }
+
+    /// The next result encoded apart. Call only when some are pending.
+    async fn next(&mut self) -> Outgoing {
+        match self.tasks.join_next().await {
+            Some(Ok(outgoing)) => outgoing,
+            // An encoding that panicked fails the stage as if it had panicked here: the
+            // pipeline is rebuilt and the job redelivered.
+            Some(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Cancelled only when the runtime shuts down, which ends this task too.
+            Some(Err(_)) | None => std::future::pending().await,
+        }
+    }
+}
+
+/// A job whose rows are all in: scored, or failed.
+pub enum Finished {
+    /// The job's rows start at `start` in the columns; its last batch started at
+    /// `last_batch_at`, and its batches ran for `inference`.
+    Scored {
+        scores: Scores,
+        start: usize,
+        last_batch_at: Instant,
+        inference: Duration,
+    },
+    Failed(Rejection),
+}
+
+/// Where a finished job's scores are: in the one batch that scored it whole, or reassembled.
+pub enum Scores {
+    Batch(Arc<ScoredBatch>),
+    Reassembled(Vec<Column>),
+}
+
+impl Scores {
+    fn columns(&self) -> &[Column] {
+        match self {
+            // Made only from a batch that scored (`Reassembly::add`); a failed one has no rows.
+            Scores::Batch(batch) => batch.outcome.as_deref().unwrap_or_default(),
+            Scores::Reassembled(columns) => columns,
+        }
+    }
+}
+
+impl Finished {
+    /// Whether encoding this job's result is worth a blocking thread of its own: a few rows
+    /// are explained and encoded in microseconds, less than the hand-over would add.
+    fn is_heavy(&self, job: &JobMeta) -> bool {
+        matches!(self, Finished::Scored { .. }) && job.explain.is_some() && job.rows >= EXPLAINED_APART_ROWS
+    }
+
+    /// The job's result body, explained where it asked.
+    pub fn encode(self, job: &Arc<JobMeta>) -> Result<Vec<u8>, Rejection> {
+        match self {
+            Finished::Scored { scores, start, last_batch_at, inference } => {
+                encode(job, scores.columns(), start, last_batch_at, inference)
+            }
+            Finished::Failed(rejection) => Err(rejection),
+        }
+    }
 }
 
 /// Jobs split across batches whose rows are still arriving, by job sequence number.
@@ -48,11 +157,16 @@ struct Assembly {
 }
 
 impl Reassembly {
-    /// Takes one segment of `batch`; returns the job's encoded result once all its rows are in.
-    pub fn add(&mut self, segment: &Segment, batch: &ScoredBatch) -> Option<Result<Vec<u8>, Rejection>> {
+    /// Takes one segment of `batch`; returns the job once all its rows are in.
+    pub fn add(&mut self, segment: &Segment, batch: &Arc<ScoredBatch>) -> Option<Finished> {
         let job = &segment.job;
-        if let (Ok(columns), true) = (&batch.outcome, segment.is_whole_job()) {
-            return Some(encode(job, columns, segment.batch_offset, batch.started_at, batch.inference_time));
+        if let (Ok(_), true) = (&batch.outcome, segment.is_whole_job()) {
+            return Some(Finished::Scored {
+                scores: Scores::Batch(Arc::clone(batch)),
+                start: segment.batch_offset,
+                last_batch_at: batch.started_at,
+                inference: batch.inference_time,
+            });
         }
         let assembly = self.partial.entry(job.seq).or_insert_with(|| Assembly {
             // Shaped by the first part that scores (an earlier part may have failed).
@@ -82,8 +196,13 @@ impl Reassembly {
         }
         let assembly = self.partial.remove(&job.seq)?;
         Some(match assembly.rejection {
-            Some(rejection) => Err(rejection),
-            None => encode(job, &assembly.columns, 0, assembly.last_batch_at, assembly.inference),
+            Some(rejection) => Finished::Failed(rejection),
+            None => Finished::Scored {
+                scores: Scores::Reassembled(assembly.columns),
+                start: 0,
+                last_batch_at: assembly.last_batch_at,
+                inference: assembly.inference,
+            },
         })
     }
 
@@ -185,7 +304,7 @@ mod tests {
     use crate::testing::{job, linear_model};
 
     /// The job's rows `from..from + rows`, scored alone, as a part placed at `batch_offset`.
-    fn part(job: &crate::flow::Job, from: usize, rows: usize) -> ScoredBatch {
+    fn part(job: &crate::flow::Job, from: usize, rows: usize) -> Arc<ScoredBatch> {
         let n = job.meta.model.signature.n_features;
         let inputs = &job.inputs[from * n..(from + rows) * n];
         let model = &job.meta.model;
@@ -195,12 +314,12 @@ mod tests {
             .expect("the session pool is open")
             .expect("the fixture scores");
         let segment = Segment { job: Arc::clone(&job.meta), job_offset: from, batch_offset: 0, rows };
-        ScoredBatch {
+        Arc::new(ScoredBatch {
             segments: vec![segment],
             outcome: Ok(columns),
             started_at: Instant::now(),
             inference_time: Duration::ZERO,
-        }
+        })
     }
 
     fn outputs(body: &[u8]) -> serde_json::Value {
@@ -217,9 +336,10 @@ mod tests {
         let (tail, head) = (part(&split, 3, 2), part(&split, 0, 3));
         assert!(reassembly.add(&tail.segments[0], &tail).is_none(), "rows 0..3 still missing");
         assert_eq!(reassembly.pending(), 1);
-        let body = reassembly.add(&head.segments[0], &head).expect("all rows in").expect("encodes");
+        let body = reassembly.add(&head.segments[0], &head).expect("all rows in").encode(&split.meta).expect("encodes");
         assert_eq!(reassembly.pending(), 0);
-        let alone = Reassembly::default().add(&whole.segments[0], &whole).expect("whole").expect("encodes");
+        let alone = Reassembly::default().add(&whole.segments[0], &whole).expect("whole").encode(&split.meta);
+        let alone = alone.expect("encodes");
         let (got, alone) = (outputs(&body), outputs(&alone));
         assert_eq!(got["label"], alone["label"]);
         let probabilities = |v: &serde_json::Value| -> Vec<f64> {
@@ -237,13 +357,13 @@ mod tests {
         let model = linear_model(1, BatchingSettings::default());
         let split = job(&model, 8, 4, Lane::Bulk);
         let mut reassembly = Reassembly::default();
-        let failed = ScoredBatch::failed(
+        let failed = Arc::new(ScoredBatch::failed(
             vec![Segment { job: Arc::clone(&split.meta), job_offset: 0, batch_offset: 0, rows: 2 }],
             Rejection::Internal("inference failed: boom".into()),
-        );
+        ));
         assert!(reassembly.add(&failed.segments[0], &failed).is_none());
         let rest = part(&split, 2, 2);
-        let outcome = reassembly.add(&rest.segments[0], &rest).expect("all rows in");
+        let outcome = reassembly.add(&rest.segments[0], &rest).expect("all rows in").encode(&split.meta);
         assert_eq!(outcome, Err(Rejection::Internal("inference failed: boom".into())));
 
         let answer = answer(&split.meta, outcome);

@@ -91,13 +91,13 @@ async fn reasons_are_the_top_positive_contributions_with_their_codes() {
     let rows: Vec<Value> = sendable_rows(&fixture).into_iter().map(|(_, r)| r).collect();
     client.send(&json!({"job_id": "top2", "model": "gbt_lightgbm", "rows": rows, "explain": {"top_k": 2}})).await;
     let result = client.result().await;
-    let names = fixture["feature_names"].as_array().expect("names");
+    let names: Vec<&str> =
+        fixture["feature_names"].as_array().expect("names").iter().filter_map(Value::as_str).collect();
+    let codes = reason_codes(&root().join("tests/fixtures/explain/models/gbt_lightgbm/config.yaml"));
     for (r, explanation) in result["explanations"].as_array().expect("explanations").iter().enumerate() {
         let contributions: Vec<f64> =
             explanation["contributions"].as_array().expect("contributions").iter().map(number).collect();
-        let mut positive: Vec<usize> = (0..contributions.len()).filter(|&i| contributions[i] > 0.0).collect();
-        positive.sort_by(|&a, &b| contributions[b].total_cmp(&contributions[a]));
-        positive.truncate(2);
+        let positive = principal_reasons(&contributions, 0.0, &names, &codes, 2);
         let reasons = explanation["reasons"].as_array().expect("reasons");
         assert_eq!(reasons.len(), positive.len(), "row {r}: top_k 2, fewer when fewer are positive");
         for (reason, &feature) in reasons.iter().zip(&positive) {
@@ -108,7 +108,7 @@ async fn reasons_are_the_top_positive_contributions_with_their_codes() {
     }
     // A reason with a code in config.yaml carries it: duration_months is R07.
     let mut long_loan = rows[0].clone();
-    let duration = names.iter().position(|n| n == "duration_months").expect("duration_months");
+    let duration = names.iter().position(|n| *n == "duration_months").expect("duration_months");
     long_loan[duration] = json!(72.0);
     client.send(&json!({"job_id": "long", "model": "gbt_lightgbm", "rows": [long_loan], "explain": true})).await;
     let result = client.result().await;
@@ -227,9 +227,7 @@ async fn submit_with_explain_writes_reasons() {
         {
             let contributions: Vec<f64> =
                 fixture["contributions"][*i].as_array().expect("contributions").iter().map(number).collect();
-            let mut top: Vec<usize> = (0..contributions.len()).filter(|&j| contributions[j] > 1e-6).collect();
-            top.sort_by(|&a, &b| contributions[b].total_cmp(&contributions[a]));
-            top.truncate(4);
+            let top = principal_reasons(&contributions, 1e-6, &names, &codes, 4);
             let wanted: Vec<String> =
                 top.iter().map(|&j| codes.get(names[j]).cloned().unwrap_or(names[j].to_string())).collect();
             if output.extension().is_some_and(|e| e == "csv") {
@@ -255,6 +253,23 @@ async fn submit_with_explain_writes_reasons() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(worker.stop().await, 0);
+}
+
+/// The features a row's reasons should name: those contributing more than `above`, largest
+/// first, skipping any whose reason code an earlier one already gave, at most `k`.
+fn principal_reasons(
+    contributions: &[f64],
+    above: f64,
+    names: &[&str],
+    codes: &std::collections::HashMap<String, String>,
+    k: usize,
+) -> Vec<usize> {
+    let mut ranked: Vec<usize> = (0..contributions.len()).filter(|&i| contributions[i] > above).collect();
+    ranked.sort_by(|&a, &b| contributions[b].total_cmp(&contributions[a]));
+    let mut given = std::collections::HashSet::new();
+    ranked.retain(|&i| codes.get(names[i]).is_none_or(|code| given.insert(code.clone())));
+    ranked.truncate(k);
+    ranked
 }
 
 /// Feature → reason code, from a config.yaml's `explain.reasons`.

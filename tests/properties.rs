@@ -175,15 +175,16 @@ proptest! {
             prop_assert_eq!(batch_row, batch.rows, "segments cover the whole batch");
 
             let columns = fixture.score(&batch.inputs, batch.rows);
-            let scored = ScoredBatch {
+            let scored = Arc::new(ScoredBatch {
                 segments: batch.segments,
                 outcome: Ok(columns),
                 started_at: Instant::now(),
                 inference_time: std::time::Duration::ZERO,
-            };
+            });
             for segment in &scored.segments {
                 let seq = segment.job.seq as usize;
-                if let Some(encoded) = reassembly.add(segment, &scored) {
+                if let Some(finished) = reassembly.add(segment, &scored) {
+                    let encoded = finished.encode(&segment.job);
                     prop_assert!(results[seq].is_none(), "job {} answered twice", seq);
                     prop_assert_eq!(next_row[seq], picks[seq].len(), "job {} answered before its last rows", seq);
                     results[seq] = Some(encoded.expect("a scored job encodes"));

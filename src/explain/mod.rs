@@ -48,6 +48,9 @@ pub struct Explainer {
     base_value: f64,
     features: Vec<String>,
     texts: Vec<ReasonText>,
+    /// Each feature's reason group: features with the same code share one (the levels of a
+    /// one-hot attribute), so a row's reasons name each code at most once.
+    groups: Vec<usize>,
 }
 
 /// A job's request for explanations, made when the job is bound to its model version.
@@ -88,7 +91,8 @@ pub struct Explanation {
     pub base_value: f64,
     /// One per feature in input order; they sum to `value − base_value`.
     pub contributions: Vec<f64>,
-    /// Features by descending positive contribution, at most the asked number.
+    /// Features by descending positive contribution, one per reason code, at most the asked
+    /// number.
     pub reasons: Vec<usize>,
 }
 
@@ -130,7 +134,8 @@ impl Explainer {
         };
         let top_k = config.top_k;
         let output = config.output.clone();
-        Ok(Explainer { method, reason, top_k, output, class, space, baseline, base_value, features, texts })
+        let groups = reason_groups(&texts);
+        Ok(Explainer { method, reason, top_k, output, class, space, baseline, base_value, features, texts, groups })
     }
 
     /// The baseline row, which the sampling method's base value is scored from.
@@ -199,7 +204,7 @@ impl Explainer {
                 // A sampling request always has its walks and scores (result stage invariant).
                 (Method::Sampling(_), ..) => (f64::NAN, vec![0.0; n]),
             };
-            let reasons = top_reasons(&contributions, request.top_k);
+            let reasons = top_reasons(&contributions, &self.groups, request.top_k);
             Explanation { value, base_value: self.base_value, contributions, reasons }
         })
         .collect()
@@ -226,18 +231,38 @@ impl Explainer {
     }
 }
 
-/// The features with a positive contribution, largest first (ties in input order), at most `k`.
-fn top_reasons(contributions: &[f64], k: usize) -> Vec<usize> {
-    let mut positive: Vec<usize> = (0..contributions.len()).filter(|&i| contributions[i] > 0.0).collect();
-    let order = |a: &usize, b: &usize| contributions[*b].total_cmp(&contributions[*a]).then(a.cmp(b));
-    if positive.len() > k && k > 0 {
-        // Only the first k need sorting.
-        positive.select_nth_unstable_by(k - 1, order);
-        positive.truncate(k);
+/// The features with a positive contribution, largest first (ties in input order), at most `k`,
+/// and at most one of each reason group: a second level of the same attribute adds no reason.
+/// One pass over the features, keeping the best `k` so far in order.
+fn top_reasons(contributions: &[f64], groups: &[usize], k: usize) -> Vec<usize> {
+    let mut top: Vec<usize> = Vec::with_capacity(k + 1);
+    for (i, &c) in contributions.iter().enumerate() {
+        let beats_last = top.len() < k || top.last().is_some_and(|&last| c > contributions[last]);
+        if c <= 0.0 || !beats_last {
+            continue;
+        }
+        if let Some(same) = top.iter().position(|&t| groups[t] == groups[i]) {
+            if c <= contributions[top[same]] {
+                continue;
+            }
+            top.remove(same);
+        }
+        // After every feature that is at least as large: ties keep input order.
+        let at = top.iter().position(|&t| c > contributions[t]).unwrap_or(top.len());
+        top.insert(at, i);
+        top.truncate(k);
     }
-    positive.sort_by(order);
-    positive.truncate(k);
-    positive
+    top
+}
+
+/// Each feature's reason group: the first feature with the same code, else the feature itself.
+fn reason_groups(texts: &[ReasonText]) -> Vec<usize> {
+    (0..texts.len())
+        .map(|i| match &texts[i].code {
+            Some(code) => texts.iter().position(|t| t.code.as_ref() == Some(code)).unwrap_or(i),
+            None => i,
+        })
+        .collect()
 }
 
 fn baseline(config: &ExplainConfig, folder: &Path, n_features: usize) -> Result<Vec<f32>, String> {

@@ -100,9 +100,20 @@ fn an_mlp_is_explained_by_sampling_and_says_why() {
 
 #[test]
 fn reasons_are_the_largest_positive_contributions_first() {
-    assert_eq!(top_reasons(&[0.5, -2.0, 0.0, 1.5, 0.5, 3.0], 4), [5, 3, 0, 4]);
-    assert_eq!(top_reasons(&[-1.0, 0.0], 4), Vec::<usize>::new(), "fewer when fewer are positive");
-    assert_eq!(top_reasons(&[1.0, 2.0, 3.0], 2), [2, 1]);
+    let own = |n: usize| (0..n).collect::<Vec<_>>();
+    assert_eq!(top_reasons(&[0.5, -2.0, 0.0, 1.5, 0.5, 3.0], &own(6), 4), [5, 3, 0, 4], "ties in input order");
+    assert_eq!(top_reasons(&[-1.0, 0.0], &own(2), 4), Vec::<usize>::new(), "fewer when fewer are positive");
+    assert_eq!(top_reasons(&[1.0, 2.0, 3.0], &own(3), 2), [2, 1]);
+}
+
+#[test]
+fn reasons_name_each_code_once() {
+    let text = |code: Option<&str>| ReasonText { code: code.map(String::from), text: None };
+    let texts = [text(Some("R01")), text(None), text(Some("R01")), text(Some("R02")), text(None)];
+    let groups = reason_groups(&texts);
+    assert_eq!(groups, [0, 1, 0, 3, 4], "features 0 and 2 share code R01; features without a code stand alone");
+    // Feature 2 outweighs 0, both R01: only 2 is a reason, and the next code takes the free place.
+    assert_eq!(top_reasons(&[0.9, 0.1, 1.0, 0.5, 0.2], &groups, 3), [2, 3, 4]);
 }
 
 #[test]
