@@ -1,9 +1,9 @@
 //! Micro-benchmarks of the worker's CPU stages between the broker and ONNX Runtime: job decoding,
-//! batch assembly across jobs, and result encoding.
+//! payload decryption and encryption, batch assembly across jobs, and result encoding.
 //!
 //! `cargo bench --bench micro` (add `-- --quick` for a short run, or a filter such as `decode`).
 //!
-//! Decoding needs nothing else. Batch assembly and result encoding carry real job metadata, which
+//! Decoding and the payload's AES-256-GCM need nothing else. Batch assembly and result encoding carry real job metadata, which
 //! holds a loaded model version; so they load the demo model `models/credit_default` in ONNX
 //! Runtime (`scripts/setup.sh`, or `ORT_DYLIB_PATH`). Without it those benchmarks are skipped
 //! with a note. No broker is needed: a job's delivery handle is opaque to these stages.
@@ -20,6 +20,7 @@ use batchscore::engine::model::ModelConfig;
 use batchscore::engine::{runtime, Column, ModelVersion};
 use batchscore::flow::{CloseReason, Delivery, Job, JobMeta, Lane, Protocol};
 use batchscore::job::{self, Envelope, Features};
+use batchscore::payload::PayloadKey;
 use batchscore::settings::{BatchingSettings, InferenceSettings, LimitSettings};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
@@ -31,6 +32,7 @@ fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     let samples = Samples::read();
     decode(&mut criterion, &samples);
+    payload(&mut criterion, &samples);
     match Fixture::open() {
         Ok(fixture) => {
             batch_assembly(&mut criterion, &fixture, &samples);
@@ -106,6 +108,23 @@ fn decode(c: &mut Criterion, samples: &Samples) {
     group.finish();
 }
 
+/// Sealing (a result) and opening (a job) with AES-256-GCM, per body: the cost encryption adds to
+/// a job's path, beside decoding's.
+fn payload(c: &mut Criterion, samples: &Samples) {
+    let key = PayloadKey::new("bench", "bench", &[0x9d; 32]).expect("key");
+    let mut group = c.benchmark_group("payload");
+    for rows in [1, 100, 10_000] {
+        let body = samples.body("rows", rows);
+        let sealed = key.seal(&body);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("seal", rows), &body, |b, body| b.iter(|| key.seal(black_box(body))));
+        group.bench_with_input(BenchmarkId::new("open", rows), &sealed, |b, sealed| {
+            b.iter(|| key.open(black_box(sealed)).expect("opens"))
+        });
+    }
+    group.finish();
+}
+
 /// A loaded model version, for building job metadata as the consumer does.
 struct Fixture {
     model: Arc<ModelVersion>,
@@ -152,6 +171,7 @@ impl Fixture {
             delivery: Delivery::new(()),
             charge: RowBudget::new(usize::MAX).charge(rows),
             explain: None,
+            key: None,
         })
     }
 

@@ -60,7 +60,7 @@ METRICS = {
 LABEL_VALUES = {
     "lane": {"online", "bulk"},
     "status": {"ok", "error", "expired"},
-    "code": {"invalid_json", "invalid_input", "unknown_model", "too_large", "internal", "expired"},
+    "code": {"invalid_json", "invalid_input", "unknown_model", "too_large", "internal", "expired", "forbidden"},
     "reason": {"idle", "size", "delay", "drain"},
     "stage": {"consumer", "batcher", "inference", "result", "publisher"},
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::budget::Charge;
 use crate::engine::{Column, InferenceError, ModelVersion};
 use crate::explain;
+use crate::payload::PayloadKey;
 
 /// Where a job came from: the online lane's rows are batched before the bulk lane's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +52,9 @@ pub enum ErrorCode {
     Internal,
     /// The job's deadline passed before it could be scored.
     Expired,
+    /// The worker refuses to read or score the job: its body cannot be decrypted, or it came in
+    /// plaintext where encryption is required.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -62,6 +66,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::Expired => "expired",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -82,6 +87,8 @@ pub enum Rejection {
     Internal(String),
     #[error("{0}")]
     Expired(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl Rejection {
@@ -93,6 +100,7 @@ impl Rejection {
             Rejection::TooLarge(_) => ErrorCode::TooLarge,
             Rejection::Internal(_) => ErrorCode::Internal,
             Rejection::Expired(_) => ErrorCode::Expired,
+            Rejection::Forbidden(_) => ErrorCode::Forbidden,
         }
     }
 
@@ -103,7 +111,8 @@ impl Rejection {
             | Rejection::UnknownModel(m)
             | Rejection::TooLarge(m)
             | Rejection::Internal(m)
-            | Rejection::Expired(m) => m,
+            | Rejection::Expired(m)
+            | Rejection::Forbidden(m) => m,
         }
     }
 
@@ -256,6 +265,8 @@ pub struct JobMeta {
     pub charge: Charge,
     /// Set when the job asked for explanations of its scores.
     pub explain: Option<explain::Request>,
+    /// The key the job came encrypted with; its result is encrypted with it.
+    pub key: Option<PayloadKey>,
 }
 
 impl JobMeta {
@@ -332,7 +343,7 @@ impl ScoredBatch {
     }
 }
 
-/// An encoded result on its way to the publisher.
+/// An encoded result on its way to the publisher, in plaintext.
 #[derive(Debug)]
 pub struct Outgoing {
     pub delivery: Delivery,
@@ -342,6 +353,10 @@ pub struct Outgoing {
     pub dead_letter: Option<Rejection>,
     /// What the job counts as once its result is confirmed.
     pub completion: Completion,
+    /// The key the job came encrypted with: the publisher encrypts `body` with it. `None`: the
+    /// result goes in plaintext, as its job came (or as a job that could not be decrypted is
+    /// answered).
+    pub key: Option<PayloadKey>,
 }
 
 /// A job's figures for `batchscore_jobs_completed_total` and its latency histogram, counted only

@@ -5,13 +5,15 @@
 //! Data flows one way, each stage in its own module, joined by bounded channels that
 //! [`pipeline`] creates; [`supervisor`] owns every task, and [`flow`] holds the types they pass:
 //!
-//! - [`amqp::consumer`]: deliveries → [`job`] decode/validate (native form, or the Open Inference
-//!   Protocol form in [`oip`]) → route to a batcher; [`lanes`] decides which lane takes next
+//! - [`amqp::consumer`]: deliveries → decryption of encrypted jobs ([`payload`]) → [`job`]
+//!   decode/validate (native form, or the Open Inference Protocol form in [`oip`]) → route to a
+//!   batcher; [`lanes`] decides which lane takes next
 //! - [`batcher`]: one per model version; forms batches across jobs, splits large jobs
 //! - [`infer`]: runs a batch on a pooled session of the [`engine`]
 //! - [`result`]: scatters scores back to jobs, reassembles split jobs, adds the rows'
 //!   [`explain`]ations where the job asked; [`encode`] writes the bodies
-//! - [`amqp::publisher`]: publishes with confirms, then acknowledges the job
+//! - [`amqp::publisher`]: encrypts the results of encrypted jobs, publishes with confirms, then
+//!   acknowledges the job
 //!
 //! [`amqp::endpoint`] checks where and how the worker connects (TLS, certificate login, the
 //! plaintext rule) before it does; [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
@@ -35,6 +37,7 @@ pub mod inspect;
 pub mod job;
 pub mod lanes;
 pub mod oip;
+pub mod payload;
 pub mod pipeline;
 pub mod reload;
 pub mod result;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use batchscore::amqp::AmqpError;
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
+use batchscore::payload::KeyError;
 use batchscore::settings::{Settings, SettingsError};
 use batchscore::submit::SubmitArgs;
 use batchscore::worker::{self, StartError, Worker};
@@ -15,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for set-up problems a person must fix before anything can run: settings, the ONNX
 /// Runtime library, the model repository (including an execution provider that cannot be
 /// registered), the metrics listener, the broker settings (the plaintext rule, TLS files, secret
-/// files), and a broker that refuses the credentials, the vhost or the TLS handshake. Failures
-/// during a run exit 1.
+/// files), payload key files (`security.payload_keys`, `submit --key-file`), and a broker that
+/// refuses the credentials, the vhost or the TLS handshake. Failures during a run exit 1.
 const EXIT_SETUP: u8 = 2;
 
 #[derive(Parser)]
@@ -111,6 +112,7 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<RuntimeError>()
             || cause.is::<RepositoryError>()
             || cause.is::<SettingsError>()
+            || cause.is::<KeyError>()
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
     })
 }

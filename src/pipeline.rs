@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, consumer::Consumer, AmqpError, Link};
 use crate::batcher::Batchers;
 use crate::engine::Repository;
+use crate::payload::Keyring;
 use crate::result;
 use crate::settings::Settings;
 use crate::supervisor::{StageFailure, Supervisor, Watch};
@@ -37,6 +38,7 @@ pub enum SessionError {
 /// hide the problem.
 pub async fn run(
     settings: &Settings,
+    keyring: &Keyring,
     repository: watch::Receiver<Arc<Repository>>,
     health: Health,
     shutdown: CancellationToken,
@@ -46,7 +48,7 @@ pub async fn run(
     let mut ever_connected = false;
     loop {
         let started = Instant::now();
-        let outcome = serve(settings, repository.clone(), &health, &shutdown, &mut ever_connected).await;
+        let outcome = serve(settings, keyring, repository.clone(), &health, &shutdown, &mut ever_connected).await;
         health.set_broker_connected(false);
         let error = match outcome {
             Ok(()) => return Ok(()),
@@ -71,6 +73,7 @@ pub async fn run(
 /// broker connection was lost.
 async fn serve(
     settings: &Settings,
+    keyring: &Keyring,
     repository: watch::Receiver<Arc<Repository>>,
     health: &Health,
     shutdown: &CancellationToken,
@@ -82,7 +85,7 @@ async fn serve(
     telemetry::reset_inflight();
 
     let (stages, watch) = Supervisor::new();
-    start_stages(settings, repository, &stages, &link, shutdown);
+    start_stages(settings, keyring, repository, &stages, &link, shutdown);
     // The stages hold the spawner they need; this one would keep the pipeline from ending.
     drop(stages);
     let outcome = supervise(watch, shutdown, Duration::from_millis(settings.shutdown.timeout_ms)).await;
@@ -104,6 +107,7 @@ async fn serve(
 /// inference runs → result stage → publisher.
 fn start_stages(
     settings: &Settings,
+    keyring: &Keyring,
     repository: watch::Receiver<Arc<Repository>>,
     stages: &Supervisor,
     link: &Link,
@@ -119,7 +123,7 @@ fn start_stages(
     let snapshot = Arc::clone(&repository.borrow());
     let capacity = usize::from(amqp.prefetch.max(amqp.bulk_prefetch));
     let batchers = Batchers::new(&snapshot, settings.bulk_batching, scored_tx, capacity, stages.clone());
-    let consumer = Consumer::new(settings.clone(), repository, batchers, publish_tx);
+    let consumer = Consumer::new(settings.clone(), keyring.clone(), repository, batchers, publish_tx);
     stages.spawn("consumer", consumer.run(link.consume_channel(), shutdown.clone()));
 }
 

@@ -277,6 +277,7 @@ fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
             rows: job.rows,
             since: Completion::published_at(job.received_at, job.queued_for),
         },
+        key: job.key.clone(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Worker settings: `settings.yaml` (or `--config PATH`) overlaid with `BATCHSCORE__<SECTION>__<KEY>`
 //! environment variables, checked once at start-up so that a bad value is reported by its key.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,8 @@ pub struct Settings {
     pub logging: LoggingSettings,
     #[serde(default)]
     pub shutdown: ShutdownSettings,
+    #[serde(default)]
+    pub security: SecuritySettings,
 }
 
 /// The broker of `amqp.url` when no setting names one: the local RabbitMQ, as guest.
@@ -461,6 +464,20 @@ impl Default for ShutdownSettings {
     }
 }
 
+/// What the worker demands of jobs beyond their content (docs/SECURITY.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Payload encryption: key id → file holding that AES-256 key (32 raw bytes, 64 hex digits or
+    /// base64 of 32 bytes). A job may come encrypted with any of them (headers `x-encryption:
+    /// aes-256-gcm` and `x-key-id`); its result is encrypted with the same key. Several keys
+    /// allow rotation. Ids are 1 to 64 characters of `a-z`, `0-9`, `.`, `_`, `-`. The files are
+    /// read at start-up (crate::payload); only the paths are kept here.
+    pub payload_keys: BTreeMap<String, PathBuf>,
+    /// Refuse jobs that come in plaintext, with error `forbidden`; needs `payload_keys`.
+    pub require_encryption: bool,
+}
+
 impl Settings {
     /// Reads `path` (which must exist when `required`), then environment overrides, then the
     /// secret files they name; then validates.
@@ -548,6 +565,12 @@ impl Settings {
         if self.inference.cuda_device_id < 0 {
             return invalid("inference.cuda_device_id", "must be 0 or more");
         }
+        if self.security.require_encryption && self.security.payload_keys.is_empty() {
+            return invalid(
+                "security.require_encryption",
+                "needs at least one key in security.payload_keys to decrypt jobs with",
+            );
+        }
         if self.metrics_addr().is_err() {
             return invalid("metrics.listen", "must be host:port, e.g. 0.0.0.0:9464 (port 0 picks a free port)");
         }
@@ -578,6 +601,7 @@ mod tests {
         }
         assert_eq!((&amqp.url_file, &amqp.password_file, amqp.allow_plaintext), (&None, &None, false));
         assert_eq!((&amqp.tls.ca_file, &amqp.tls.cert_file, &amqp.tls.key_file), (&None, &None, &None));
+        assert!(settings.security.payload_keys.is_empty() && !settings.security.require_encryption);
     }
 
     /// A directory of its own with `settings.yaml` holding `yaml`, and the secret files `files`.
@@ -657,6 +681,22 @@ mod tests {
         assert!(load_in(&dir).expect_err("refused").to_string().contains("amqp.tls.key_file"));
         let dir = write_settings("amqp:\n  url: amqp://localhost/risk\n  tls:\n    ca_file: /ca.pem\n", &[]);
         assert!(load_in(&dir).expect_err("refused").to_string().contains("amqps://"));
+    }
+
+    #[test]
+    fn payload_keys_are_paths_by_key_id_and_required_encryption_needs_one() {
+        let dir = write_settings(
+            "security:\n  payload_keys:\n    2025-q1: /run/secrets/q1.key\n    risk.nightly_v2: /run/secrets/q2.key\n  \
+             require_encryption: true\n",
+            &[],
+        );
+        let security = load_in(&dir).expect("loads").security;
+        assert_eq!(security.payload_keys.get("risk.nightly_v2"), Some(&PathBuf::from("/run/secrets/q2.key")));
+        assert_eq!(security.payload_keys.len(), 2);
+        assert!(security.require_encryption);
+        let dir = write_settings("security:\n  require_encryption: true\n", &[]);
+        let message = load_in(&dir).expect_err("refused").to_string();
+        assert!(message.contains("security.require_encryption") && message.contains("payload_keys"), "{message}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The `submit` command: a bulk client. Reads rows from CSV or JSONL, sends them as jobs of
-//! `--chunk-rows` rows, waits for every result and writes the outputs in input order.
+//! `--chunk-rows` rows, waits for every result and writes the outputs in input order. With
+//! `--key-file` it encrypts the jobs and decrypts their results ([`crate::payload`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::io::{BufRead, BufWriter, Write};
@@ -10,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 
-use crate::amqp::client::JobClient;
+use crate::amqp::client::{JobClient, Reply};
 use crate::amqp::redact;
+use crate::payload::{self, KeyError, Keyring, Opened, PayloadKey, Refusal};
 use crate::settings::Settings;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +41,13 @@ pub struct SubmitArgs {
     /// Give up when connecting, publishing and collecting every result take longer than this.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// Encrypt the jobs with AES-256-GCM under the 256-bit key in this file (32 raw bytes, 64 hex
+    /// digits or base64 of 32 bytes), and decrypt their results with it. Needs --key-id.
+    #[arg(long, requires = "key_id", value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// The id of --key-file's key among the worker's security.payload_keys (sent as x-key-id).
+    #[arg(long, requires = "key_file", value_name = "ID")]
+    pub key_id: Option<String>,
 }
 
 /// What `submit` did, printed at the end.
@@ -74,13 +84,14 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
     if args.chunk_rows == 0 {
         bail!("--chunk-rows must be at least 1");
     }
+    let key = payload_key(args)?;
     let input = read_input(&args.input)?;
     if input.items.is_empty() {
         bail!("{} holds no rows", args.input.display());
     }
     let started = Instant::now();
     let chunks: Vec<&[String]> = input.items.chunks(args.chunk_rows).collect();
-    let ordered = exchange(settings, args, input.field, &chunks).await?;
+    let ordered = exchange(settings, args, key.as_ref(), input.field, &chunks).await?;
     let elapsed = started.elapsed();
     check_all_ok(&ordered, &chunks, args.chunk_rows)?;
     write_output(&args.output, &ordered, args.explain)?;
@@ -93,6 +104,7 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Summa
 async fn exchange(
     settings: &Settings,
     args: &SubmitArgs,
+    key: Option<&PayloadKey>,
     field: &str,
     chunks: &[&[String]],
 ) -> anyhow::Result<Vec<Value>> {
@@ -104,14 +116,19 @@ async fn exchange(
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let jobs = chunks.iter().enumerate().map(|(index, chunk)| {
         let job_id = format!("{run_id}-{index}");
-        (job_id.clone(), job_body(&job_id, args, field, chunk))
+        let body = job_body(&job_id, args, field, chunk).into_bytes();
+        let body = match key {
+            Some(key) => key.seal(&body),
+            None => body,
+        };
+        (job_id, body)
     });
     let mut results = HashMap::with_capacity(chunks.len());
     let exchanged = async {
-        if !client.publish_all(jobs).await? {
+        if !client.publish_all(jobs, key).await? {
             bail!("the broker refused a job; nothing was scored reliably, submit again");
         }
-        collect(&mut client, &run_id, chunks.len(), &mut results).await
+        collect(&mut client, key, &run_id, chunks.len(), &mut results).await
     };
     let outcome = tokio::time::timeout_at(deadline, exchanged).await;
     let blocked = client.blocked();
@@ -133,16 +150,31 @@ async fn exchange(
     }
 }
 
+/// The key of `--key-file` and `--key-id`, when given.
+fn payload_key(args: &SubmitArgs) -> Result<Option<PayloadKey>, KeyError> {
+    let (Some(path), Some(id)) = (&args.key_file, &args.key_id) else { return Ok(None) };
+    if !payload::valid_key_id(id) {
+        return Err(KeyError::BadId { origin: "--key-id".into(), id: id.clone() });
+    }
+    PayloadKey::load("--key-file", id, path).map(Some)
+}
+
 /// Collects the results of jobs `0..jobs` of this run into `results`, by job index.
 async fn collect(
     client: &mut JobClient,
+    key: Option<&PayloadKey>,
     run_id: &str,
     jobs: usize,
     results: &mut HashMap<usize, Value>,
 ) -> anyhow::Result<()> {
+    let keyring = Keyring::of(key.cloned(), false);
     while results.len() < jobs {
-        let body = client.next_result().await?.ok_or_else(|| anyhow!("the reply queue closed"))?;
+        let reply = client.next_result().await?.ok_or_else(|| anyhow!("the reply queue closed"))?;
+        let body = open_result(&keyring, key, &reply)?;
         let body: Value = serde_json::from_slice(&body).context("a result is not JSON")?;
+        if key.is_some() && reply.sealing().is_none() && body["status"] == "ok" {
+            bail!("a result with scores arrived unencrypted although its job was encrypted; it is not trusted");
+        }
         let index = body["job_id"]
             .as_str()
             .and_then(|id| id.strip_prefix(run_id))
@@ -154,6 +186,27 @@ async fn collect(
         }
     }
     Ok(())
+}
+
+/// A result's plaintext body. Results of encrypted jobs come encrypted with the job's key; a job
+/// the worker refused to decrypt is answered in plaintext (`forbidden`).
+fn open_result<'a>(keyring: &Keyring, key: Option<&PayloadKey>, reply: &'a Reply) -> anyhow::Result<Cow<'a, [u8]>> {
+    match keyring.open(reply.sealing(), &reply.body) {
+        Ok(Opened::Plain(body)) => Ok(Cow::Borrowed(body)),
+        Ok(Opened::Sealed { plaintext, .. }) => Ok(Cow::Owned(plaintext)),
+        Err(Refusal::UnknownKey(id)) => match key {
+            Some(key) => bail!(
+                "a result is encrypted with key id {id:?}, not with {:?} (--key-id); it cannot be decrypted",
+                key.id()
+            ),
+            None => bail!("a result is encrypted with key id {id:?}; pass --key-file and --key-id to decrypt it"),
+        },
+        Err(Refusal::Unauthentic(id)) => bail!(
+            "a result could not be decrypted with key id {id:?} (--key-file): it was altered, or the worker's key of \
+             that id is not the one in --key-file"
+        ),
+        Err(refusal) => bail!("a result cannot be read: {refusal}"),
+    }
 }
 
 /// Fails naming the input rows of every job that was not scored.
@@ -352,6 +405,30 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::payload::{Sealing, SCHEME};
+
+    #[test]
+    fn results_are_decrypted_with_the_key_and_a_result_that_cannot_be_is_named_by_its_key_id() {
+        let key = PayloadKey::new("test", "k1", &[0x91; 32]).expect("key");
+        let other = PayloadKey::new("test", "k1", &[0x92; 32]).expect("key");
+        let keyring = Keyring::of([key.clone()], false);
+        let body = br#"{"job_id":"r-0","status":"ok"}"#;
+        let sealed =
+            |key: &PayloadKey, id| Reply::new(key.seal(body), Some(Sealing { scheme: Some(SCHEME), key_id: Some(id) }));
+        let reply = sealed(&key, "k1");
+        assert_eq!(&*open_result(&keyring, Some(&key), &reply).expect("decrypts"), &body[..]);
+
+        let message = open_result(&keyring, Some(&key), &sealed(&other, "k1")).expect_err("another key").to_string();
+        assert!(message.contains("could not be decrypted with key id \"k1\""), "{message}");
+        let message = open_result(&keyring, Some(&key), &sealed(&key, "k2")).expect_err("another id").to_string();
+        assert!(message.contains("key id \"k2\", not with \"k1\" (--key-id)"), "{message}");
+        let message =
+            open_result(&Keyring::default(), None, &sealed(&key, "k1")).expect_err("no key given").to_string();
+        assert!(message.contains("key id \"k1\"") && message.contains("--key-file"), "{message}");
+        // A plaintext answer (a refused job) reads as it is.
+        let plain = Reply::new(body.to_vec(), None);
+        assert_eq!(&*open_result(&keyring, Some(&key), &plain).expect("plaintext"), &body[..]);
+    }
 
     #[test]
     fn csv_output_quotes_commas_quotes_and_newlines() {

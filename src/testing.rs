@@ -37,6 +37,7 @@ pub fn job(model: &Arc<ModelVersion>, seq: u64, rows: usize, lane: Lane) -> Job 
         delivery: Delivery::new(seq),
         charge: RowBudget::new(usize::MAX).charge(rows),
         explain: None,
+        key: None,
     };
     Job { meta: Arc::new(meta), inputs: vec![seq as f32; rows * model.signature.n_features] }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{AmqpError, Endpoint};
 use crate::engine::runtime::{self, RuntimeError};
 use crate::engine::{repository::RepositoryError, Repository};
+use crate::payload::{KeyError, Keyring};
 use crate::settings::Settings;
 use crate::telemetry::{self, Health};
 use crate::{pipeline, reload};
@@ -23,6 +24,9 @@ pub enum StartError {
     /// models load, so a wrong file fails start-up at once.
     #[error(transparent)]
     Broker(#[from] AmqpError),
+    /// A key file of `security.payload_keys` is missing or not a 256-bit key.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
@@ -44,6 +48,7 @@ pub struct Worker {
     settings: Settings,
     env: &'static Environment,
     repository: Arc<Repository>,
+    keyring: Keyring,
     health: Health,
     pub metrics_addr: SocketAddr,
 }
@@ -53,6 +58,12 @@ impl Worker {
         // Debug-formatted settings show the broker URI without its password.
         tracing::debug!(?settings, "starting");
         Endpoint::resolve(&settings.amqp)?;
+        let security = &settings.security;
+        let keyring = Keyring::load(&security.payload_keys, security.require_encryption)?;
+        if !security.payload_keys.is_empty() {
+            tracing::info!(key_ids = ?keyring.ids(), require_encryption = security.require_encryption,
+                "payload keys loaded");
+        }
         // Installed first: metrics recorded while models load would otherwise be lost.
         telemetry::recorder();
         let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
@@ -70,7 +81,7 @@ impl Worker {
         let metrics_addr =
             telemetry::serve(addr, health.clone()).await.map_err(|error| StartError::Metrics { addr, error })?;
         tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
-        Ok(Self { settings, env, repository: Arc::new(repository), health, metrics_addr })
+        Ok(Self { settings, env, repository: Arc::new(repository), keyring, health, metrics_addr })
     }
 
     pub fn repository(&self) -> &Repository {
@@ -83,7 +94,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AmqpError> {
         let (snapshots, repository) = watch::channel(self.repository);
         let reloads = tokio::spawn(reload::run(self.env, self.settings.clone(), snapshots, shutdown.clone()));
-        let outcome = pipeline::run(&self.settings, repository, self.health, shutdown).await;
+        let outcome = pipeline::run(&self.settings, &self.keyring, repository, self.health, shutdown).await;
         reloads.abort();
         outcome
     }

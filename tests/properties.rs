@@ -97,6 +97,7 @@ fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Jo
         delivery: Delivery::new(()),
         charge: RowBudget::new(usize::MAX).charge(rows),
         explain: None,
+        key: None,
     };
     Job { meta: Arc::new(meta), inputs }
 }

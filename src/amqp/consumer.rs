@@ -2,8 +2,10 @@
 //! validates them, and routes each job to its model version's batcher, or answers it at once
 //! with an error result. Which lane may take the next delivery is the [`LanePolicy`]'s call. It
 //! follows the served repository snapshot, so a job is always resolved against the versions that
-//! have batchers. Each delivery travels on as an opaque [`flow::Delivery`] holding its
-//! [`Inbound`] handle, which only the publisher opens.
+//! have batchers. An encrypted job is decrypted here, before decoding, with the worker's
+//! [`Keyring`]; its key travels with the job so that the publisher encrypts its result. Each
+//! delivery travels on as an opaque [`flow::Delivery`] holding its [`Inbound`] handle (the body
+//! as it arrived, ciphertext for an encrypted job), which only the publisher opens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,7 @@ use crate::explain;
 use crate::flow::{self, epoch_ms, Completion, Job, JobMeta, Lane, Outgoing, Protocol, Rejected, Rejection};
 use crate::job::{self, Envelope, JobRequest};
 use crate::lanes::LanePolicy;
+use crate::payload::{Keyring, PayloadKey};
 use crate::settings::{LimitSettings, Settings};
 use crate::telemetry;
 
@@ -37,6 +40,7 @@ const DECODE_APART_BYTES: usize = 64 * 1024;
 
 pub struct Consumer {
     settings: Settings,
+    keyring: Keyring,
     snapshots: watch::Receiver<Arc<Repository>>,
     repository: Arc<Repository>,
     batchers: Batchers,
@@ -50,6 +54,7 @@ pub struct Consumer {
 impl Consumer {
     pub fn new(
         settings: Settings,
+        keyring: Keyring,
         mut snapshots: watch::Receiver<Arc<Repository>>,
         batchers: Batchers,
         publish: mpsc::Sender<Outgoing>,
@@ -57,7 +62,17 @@ impl Consumer {
         let repository = Arc::clone(&snapshots.borrow_and_update());
         let lanes =
             LanePolicy::new(settings.limits.max_inflight_rows, Duration::from_millis(settings.amqp.bulk_yield_ms));
-        Self { settings, snapshots, repository, batchers, publish, lanes, decoding: JoinSet::new(), next_seq: 0 }
+        Self {
+            settings,
+            keyring,
+            snapshots,
+            repository,
+            batchers,
+            publish,
+            lanes,
+            decoding: JoinSet::new(),
+            next_seq: 0,
+        }
     }
 
     /// Consumes until `shutdown` fires or the channel fails. On shutdown the subscriptions are
@@ -142,13 +157,13 @@ impl Consumer {
         }
     }
 
-    /// Decodes one delivery, here or (a large body) on a blocking thread, and routes it; false when
-    /// the pipeline behind has stopped.
+    /// Decrypts and decodes one delivery, here or (a large body) on a blocking thread, and routes
+    /// it; false when the pipeline behind has stopped.
     async fn accept(&mut self, delivery: Delivery, feed: &mut Feed) -> bool {
         let received_at = Instant::now();
         let Delivery { data, properties, acker, .. } = delivery;
         let large = data.len() >= DECODE_APART_BYTES;
-        let (limits, repository) = (self.settings.limits, Arc::clone(&self.repository));
+        let (limits, repository, keyring) = (self.settings.limits, Arc::clone(&self.repository), self.keyring.clone());
         let reply_to = properties
             .reply_to()
             .clone()
@@ -158,10 +173,10 @@ impl Consumer {
         // Measured at receipt: a large body's decoding is the worker's time, not the queue's.
         let queued_for = queue_wait(&properties);
         let decode = move || {
-            let outcome = prepare(&data, &properties, received_at, &limits, &repository);
+            let (key, outcome) = open_and_prepare(&keyring, &data, &properties, received_at, &limits, &repository);
             let correlation_id = properties.correlation_id().clone();
             let inbound = Inbound { acker, reply_to, correlation_id, properties, body: data };
-            Decoded { lane, received_at, queued_for, delivery: flow::Delivery::new(inbound), outcome }
+            Decoded { lane, received_at, queued_for, delivery: flow::Delivery::new(inbound), key, outcome }
         };
         if large {
             feed.decoding = true;
@@ -175,7 +190,7 @@ impl Consumer {
     /// Routes a decoded job to its batcher, or answers it with its error; false when the pipeline
     /// behind has stopped.
     async fn dispatch(&mut self, decoded: Decoded) -> bool {
-        let Decoded { lane, received_at, queued_for, delivery, outcome } = decoded;
+        let Decoded { lane, received_at, queued_for, delivery, key, outcome } = decoded;
         match outcome {
             Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol, explain }) => {
                 telemetry::record_job_received(&model.name, lane.as_str(), queued_for);
@@ -194,6 +209,7 @@ impl Consumer {
                     delivery,
                     charge: self.lanes.budget(lane).charge(rows),
                     explain,
+                    key,
                 };
                 let job = Job { meta: Arc::new(meta), inputs };
                 let model = Arc::clone(&job.meta.model);
@@ -223,6 +239,7 @@ impl Consumer {
                     body: encode_error(&error),
                     completion: Completion { model: model.to_string(), lane, status: "error", rows: 0, since },
                     dead_letter: Some(error.reason),
+                    key,
                 };
                 self.publish.send(outgoing).await.is_ok()
             }
@@ -233,6 +250,38 @@ impl Consumer {
 /// How long the message waited in the broker, from its AMQP `timestamp` (whole seconds).
 fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
     properties.timestamp().map(|seconds| Duration::from_millis(epoch_ms().saturating_sub(seconds.saturating_mul(1000))))
+}
+
+/// Opens the job's body with `keyring` (its plaintext, when it came encrypted), then
+/// [`prepare`]s it; with the key it came encrypted with, which must encrypt its result. A body
+/// that cannot be opened is `forbidden`, answered in plaintext: the publisher is told the key id
+/// it named and nothing more, the log says which check failed.
+fn open_and_prepare(
+    keyring: &Keyring,
+    body: &[u8],
+    properties: &BasicProperties,
+    received_at: Instant,
+    limits: &LimitSettings,
+    repository: &Repository,
+) -> (Option<PayloadKey>, Result<Prepared, Rejected>) {
+    let opened = match keyring.open(super::sealing(properties), body) {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            let job_id = properties.message_id().as_ref().map(ShortString::as_str);
+            tracing::warn!(job_id, key_id = refusal.key_id(), cause = refusal.cause(), "job refused before decoding");
+            let model = super::model_header(properties);
+            let rejected = Rejected {
+                job_id: job_id.filter(|id| !id.is_empty()).map(str::to_string),
+                model: model.map(str::to_string),
+                model_version: None,
+                protocol: if model.is_some() { Protocol::OpenInference } else { Protocol::Native },
+                reason: Rejection::Forbidden(refusal.to_string()),
+            };
+            return (None, Err(rejected));
+        }
+    };
+    let outcome = prepare(opened.body(), properties, received_at, limits, repository);
+    (opened.key().cloned(), outcome)
 }
 
 /// Decodes, validates and binds a job to the version of `repository` that scores it. Pure.
@@ -277,6 +326,8 @@ struct Decoded {
     received_at: Instant,
     queued_for: Option<Duration>,
     delivery: flow::Delivery,
+    /// The key the job came encrypted with, also when it failed after decryption.
+    key: Option<PayloadKey>,
     outcome: Result<Prepared, Rejected>,
 }
 

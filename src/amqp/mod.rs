@@ -17,6 +17,7 @@ use lapin::{Acker, BasicProperties, Channel, Connection, ConnectionProperties, E
 pub use self::endpoint::Endpoint;
 pub use self::error::AmqpError;
 use crate::flow::Lane;
+use crate::payload::{self, Sealing};
 pub use crate::settings::redact;
 use crate::settings::AmqpSettings;
 
@@ -35,12 +36,35 @@ pub struct Inbound {
 
 /// The `x-model` header of a message; absent when missing, empty or not a string.
 pub fn model_header(properties: &BasicProperties) -> Option<&str> {
-    let model = match properties.headers().as_ref()?.inner().get(crate::oip::MODEL_HEADER)? {
-        AMQPValue::ShortString(value) => value.as_str(),
-        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok()?,
-        _ => return None,
-    };
-    Some(model).filter(|m| !m.is_empty())
+    text_header(properties, crate::oip::MODEL_HEADER).filter(|m| !m.is_empty())
+}
+
+/// The encryption headers of a message (`x-encryption`, `x-key-id`), present when it has
+/// `x-encryption`, whatever its value.
+pub fn sealing(properties: &BasicProperties) -> Option<Sealing<'_>> {
+    let headers = properties.headers().as_ref()?.inner();
+    headers.get(payload::ENCRYPTION_HEADER)?;
+    Some(Sealing {
+        scheme: text_header(properties, payload::ENCRYPTION_HEADER),
+        key_id: text_header(properties, payload::KEY_ID_HEADER),
+    })
+}
+
+/// Header `name` of a message, when it is a string (short or long, UTF-8).
+fn text_header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::ShortString(value) => Some(value.as_str()),
+        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok(),
+        _ => None,
+    }
+}
+
+/// The headers that mark a body sealed with `key`: a message's `headers` table.
+pub fn sealing_headers(key: &payload::PayloadKey) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(payload::ENCRYPTION_HEADER.into(), AMQPValue::LongString(payload::SCHEME.into()));
+    headers.insert(payload::KEY_ID_HEADER.into(), AMQPValue::LongString(key.id().into()));
+    headers
 }
 
 /// Opens a connection, TLS and certificate login as the settings say; the URI's password is not

@@ -2,7 +2,8 @@
 //! of the job to the dead-letter exchange) with publisher confirms, and acknowledges the job
 //! only once the broker has confirmed everything published for it. Every job's publish, confirm
 //! and acknowledgement run concurrently with the others', so neither a slow confirm nor the
-//! round trip of one frame holds back the jobs behind it.
+//! round trip of one frame holds back the jobs behind it. The result of a job that came
+//! encrypted is encrypted here, once, with the job's key, and marked with its headers.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -73,9 +74,13 @@ async fn deliver(
     channel: &Channel,
     settings: &AmqpSettings,
     fallback: &ShortString,
-    outgoing: Outgoing,
+    mut outgoing: Outgoing,
 ) -> Result<(), AmqpError> {
     let routing_key = inbound(&outgoing)?.reply_to.clone();
+    // Once, before the first attempt: a retried publish sends the same ciphertext.
+    if let Some(key) = &outgoing.key {
+        outgoing.body = key.seal(&outgoing.body);
+    }
     let mut publication = Publication { outgoing, routing_key, attempt: 1 };
     loop {
         let settled = publish(channel, settings, publication).await?.await?;
@@ -93,9 +98,10 @@ async fn publish(
 ) -> Result<impl Future<Output = Result<Settled, AmqpError>>, AmqpError> {
     let outgoing = &publication.outgoing;
     let job = inbound(outgoing)?;
+    let sealed = outgoing.key.is_some();
     let dead_letter = match &outgoing.dead_letter {
         Some(rejection) if publication.attempt == 1 => {
-            Some(publish_dead_letter(channel, settings, job, outgoing.completion.lane, rejection).await?)
+            Some(publish_dead_letter(channel, settings, job, outgoing.completion.lane, rejection, sealed).await?)
         }
         _ => None,
     };
@@ -106,8 +112,15 @@ async fn publish(
     if let Some(correlation_id) = &job.correlation_id {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
-    // AMQP short strings hold 255 bytes; a longer job id is still in the body.
-    if let Some(job_id) = outgoing.job_id.as_ref().filter(|id| id.len() <= 255) {
+    if let Some(key) = &outgoing.key {
+        properties = properties.with_headers(super::sealing_headers(key));
+        // The job id of an encrypted job is in its encrypted body: the result shows only the
+        // message_id the job itself showed.
+        if let Some(message_id) = job.properties.message_id() {
+            properties = properties.with_message_id(message_id.clone());
+        }
+    } else if let Some(job_id) = outgoing.job_id.as_ref().filter(|id| id.len() <= 255) {
+        // AMQP short strings hold 255 bytes; a longer job id is still in the body.
         properties = properties.with_message_id(job_id.as_str().into());
     }
     // Mandatory: a result for a reply queue that no longer exists comes back instead of vanishing.
@@ -127,17 +140,21 @@ async fn publish(
     })
 }
 
-/// The job as it arrived, to the dead-letter exchange, with why it was not scored.
+/// The job as it arrived (ciphertext, for a job that came encrypted), to the dead-letter
+/// exchange, with why it was not scored. The message of a job that came encrypted (`sealed`) goes
+/// without the values it may quote, which must not reach the broker in plaintext.
 async fn publish_dead_letter(
     channel: &Channel,
     settings: &AmqpSettings,
     job: &Inbound,
     lane: Lane,
     rejection: &Rejection,
+    sealed: bool,
 ) -> Result<PublisherConfirm, AmqpError> {
     let mut headers = job.properties.headers().clone().unwrap_or_default();
+    let message = if sealed { rejection.without_values() } else { rejection.message().to_string() };
     headers.insert(ERROR_CODE_HEADER.into(), AMQPValue::LongString(rejection.code().as_str().into()));
-    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(rejection.message().into()));
+    headers.insert(ERROR_MESSAGE_HEADER.into(), AMQPValue::LongString(message.into()));
     headers.insert(ORIGINAL_QUEUE_HEADER.into(), AMQPValue::LongString(super::lane_queue(settings, lane).into()));
     // A fresh set of properties: the original's expiration would let the copy expire in the queue.
     let original = &job.properties;
