@@ -168,6 +168,7 @@ impl Fixture {
             queued_for: Duration::ZERO,
             deadline_ms: None,
             protocol: Protocol::Native,
+            publisher: None,
             delivery: Delivery::new(()),
             charge: RowBudget::new(usize::MAX).charge(rows),
             explain: None,

@@ -33,7 +33,7 @@ import urllib.request
 # it stays optional because a model none of whose versions ever loaded has it only from its first
 # failure.
 METRICS = {
-    "batchscore_jobs_received_total": ("counter", {"model", "lane"}, True),
+    "batchscore_jobs_received_total": ("counter", {"model", "lane", "publisher"}, True),
     "batchscore_jobs_completed_total": ("counter", {"model", "lane", "status"}, True),
     "batchscore_job_errors_total": ("counter", {"code"}, True),
     "batchscore_rows_scored_total": ("counter", {"model"}, True),

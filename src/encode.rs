@@ -41,6 +41,9 @@ struct OkBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     explanations: Option<Explained<'a>>,
     timing_ms: Timing,
+    /// The broker user that published the job, when it set `user_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher: Option<&'a str>,
 }
 
 /// The job's rows of every published output, as `{"name": [per-row values], …}`.
@@ -84,6 +87,7 @@ pub fn encode_ok(
                 outputs: Outputs { columns, start, rows: job.answered_rows() },
                 explanations: explained,
                 timing_ms: timing,
+                publisher: job.publisher.as_deref(),
             },
         ),
         Protocol::OpenInference => serde_json::to_writer(
@@ -98,6 +102,7 @@ pub fn encode_ok(
                     batching_ms: timing.batching,
                     inference_ms: timing.inference,
                     total_ms: timing.total,
+                    publisher: job.publisher.as_deref(),
                 },
                 outputs: OutputTensors { columns, start, rows: job.answered_rows(), explained },
             },
@@ -135,6 +140,8 @@ struct InferenceOkParameters<'a> {
     batching_ms: f64,
     inference_ms: f64,
     total_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher: Option<&'a str>,
 }
 
 /// The job's rows of every published output as protocol tensors, in model order; then, for an
@@ -338,6 +345,8 @@ struct ErrorBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     model_version: Option<String>,
     error: ErrorDetail<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -357,13 +366,15 @@ struct InferenceErrorBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     model_version: Option<String>,
     error: &'a str,
-    parameters: InferenceErrorParameters,
+    parameters: InferenceErrorParameters<'a>,
 }
 
 #[derive(Serialize)]
-struct InferenceErrorParameters {
+struct InferenceErrorParameters<'a> {
     status: &'static str,
     code: ErrorCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher: Option<&'a str>,
 }
 
 pub fn encode_error(error: &Rejected) -> Vec<u8> {
@@ -374,13 +385,18 @@ pub fn encode_error(error: &Rejected) -> Vec<u8> {
             model: error.model.as_deref(),
             model_version: error.model_version.map(|v| v.to_string()),
             error: ErrorDetail { code: error.reason.code(), message: error.reason.message() },
+            publisher: error.publisher.as_deref(),
         }),
         Protocol::OpenInference => serde_json::to_vec(&InferenceErrorBody {
             id: error.job_id.as_deref(),
             model_name: error.model.as_deref(),
             model_version: error.model_version.map(|v| v.to_string()),
             error: error.reason.message(),
-            parameters: InferenceErrorParameters { status: "error", code: error.reason.code() },
+            parameters: InferenceErrorParameters {
+                status: "error",
+                code: error.reason.code(),
+                publisher: error.publisher.as_deref(),
+            },
         }),
     };
     // Invariant: the body holds only strings and integers, which always serialise.
@@ -442,6 +458,7 @@ mod tests {
             model: Some("m".into()),
             model_version: Some(2),
             protocol: Protocol::OpenInference,
+            publisher: None,
             reason: Rejection::UnknownModel("no such model".into()),
         };
         let encoded: serde_json::Value = serde_json::from_slice(&encode_error(&error)).unwrap();
@@ -461,9 +478,31 @@ mod tests {
             encoded,
             serde_json::json!({"error": "no such model", "parameters": {"status": "error", "code": "unknown_model"}})
         );
-        let native = Rejected { protocol: Protocol::Native, ..error };
+        let native = Rejected { protocol: Protocol::Native, ..error.clone() };
         let encoded: serde_json::Value = serde_json::from_slice(&encode_error(&native)).unwrap();
         assert_eq!(encoded["status"], "error");
         assert_eq!(encoded["error"]["code"], "unknown_model");
+        assert!(encoded.get("publisher").is_none(), "no user_id, no publisher: {encoded}");
+    }
+
+    #[test]
+    fn errors_name_the_publisher_in_both_forms() {
+        let forbidden = Rejected {
+            job_id: Some("a".into()),
+            model: Some("m".into()),
+            model_version: None,
+            protocol: Protocol::Native,
+            publisher: Some("core-banking".into()),
+            reason: Rejection::Forbidden("publisher \"core-banking\" may not score model m".into()),
+        };
+        let native: serde_json::Value = serde_json::from_slice(&encode_error(&forbidden)).unwrap();
+        assert_eq!(native["publisher"], "core-banking");
+        assert_eq!(native["error"]["code"], "forbidden");
+        let protocol = Rejected { protocol: Protocol::OpenInference, ..forbidden };
+        let protocol: serde_json::Value = serde_json::from_slice(&encode_error(&protocol)).unwrap();
+        assert_eq!(
+            protocol["parameters"],
+            serde_json::json!({"status": "error", "code": "forbidden", "publisher": "core-banking"})
+        );
     }
 }

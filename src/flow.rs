@@ -1,8 +1,9 @@
-//! The types every stage shares, and nothing else: a decoded [`Job`], the [`Batch`] a batcher
-//! hands to a run, the [`ScoredBatch`] a run hands to the result stage, the [`Outgoing`] result the
-//! publisher sends, and the typed [`Rejection`] of a job that cannot be scored. It names no stage
-//! and no transport: a job carries its delivery as an opaque [`Delivery`] that only the transport
-//! that made it can open, so every stage after decoding runs on plain channels in tests.
+//! The types every stage shares, and nothing else: a job's [`Origin`], a decoded [`Job`], the
+//! [`Batch`] a batcher hands to a run, the [`ScoredBatch`] a run hands to the result stage, the
+//! [`Outgoing`] result the publisher sends, and the typed [`Rejection`] of a job that cannot be
+//! scored. It names no stage and no transport: a job carries its delivery as an opaque
+//! [`Delivery`] that only the transport that made it can open, so every stage after decoding runs
+//! on plain channels in tests.
 
 use std::any::Any;
 use std::fmt;
@@ -52,8 +53,9 @@ pub enum ErrorCode {
     Internal,
     /// The job's deadline passed before it could be scored.
     Expired,
-    /// The worker refuses to read or score the job: its body cannot be decrypted, or it came in
-    /// plaintext where encryption is required.
+    /// The worker refuses the job: the publisher may not score the model, or may not have results
+    /// sent where the job asks; or its body cannot be decrypted, or it came in plaintext where
+    /// encryption is required.
     Forbidden,
 }
 
@@ -204,14 +206,28 @@ pub struct Rejected {
     pub model: Option<String>,
     pub model_version: Option<u64>,
     pub protocol: Protocol,
+    /// The publisher the broker authenticated ([`Origin::publisher`]), when the job named one.
+    pub publisher: Option<Arc<str>>,
     pub reason: Rejection,
 }
 
 impl Rejected {
     /// A job known by nothing but the reason it was refused.
     pub fn anonymous(reason: Rejection) -> Self {
-        Self { job_id: None, model: None, model_version: None, protocol: Protocol::Native, reason }
+        Self { job_id: None, model: None, model_version: None, protocol: Protocol::Native, publisher: None, reason }
     }
+}
+
+/// Who sent a job and where it asks its result to go, as the transport reported them, in plain
+/// strings: what authorization judges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The user the publisher logged in to the broker as: the AMQP `user_id` property, which
+    /// RabbitMQ refuses unless it names the publishing connection's user. `None` when the job
+    /// has none.
+    pub publisher: Option<Arc<str>>,
+    /// The queue the job names in `reply_to`; `None` when it names none (the results queue).
+    pub reply_to: Option<String>,
 }
 
 /// The transport's handle on one delivery: how to answer it, acknowledge it and dead-letter it.
@@ -260,6 +276,8 @@ pub struct JobMeta {
     pub deadline_ms: Option<u64>,
     /// The wire form the job came in; its result answers in the same form.
     pub protocol: Protocol,
+    /// The authenticated publisher ([`Origin::publisher`]), named in the result.
+    pub publisher: Option<Arc<str>>,
     pub delivery: Delivery,
     /// The job's rows in its lane's budget, returned when the job is answered.
     pub charge: Charge,

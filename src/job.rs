@@ -81,6 +81,7 @@ pub fn decode(envelope: Envelope<'_>, limits: &LimitSettings) -> Result<JobReque
         model: model.clone(),
         model_version: body.model_version,
         protocol,
+        publisher: None,
         reason,
     };
     if job_id.is_empty() || job_id.chars().count() > MAX_JOB_ID_CHARS {
@@ -236,7 +237,8 @@ fn parse(body: &[u8], marked: bool) -> Result<JobBody, Rejected> {
             return Rejected::anonymous(Rejection::InvalidJson(format!("{INVALID_JSON_PREFIX}{e}")));
         }
         let (job_id, model, protocol) = identify_unreadable(body, marked);
-        Rejected { job_id, model, model_version: None, protocol, reason: Rejection::InvalidInput(e.to_string()) }
+        let reason = Rejection::InvalidInput(e.to_string());
+        Rejected { job_id, model, model_version: None, protocol, publisher: None, reason }
     })
 }
 

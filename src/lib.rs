@@ -6,8 +6,9 @@
 //! [`pipeline`] creates; [`supervisor`] owns every task, and [`flow`] holds the types they pass:
 //!
 //! - [`amqp::consumer`]: deliveries → decryption of encrypted jobs ([`payload`]) → [`job`]
-//!   decode/validate (native form, or the Open Inference Protocol form in [`oip`]) → route to a
-//!   batcher; [`lanes`] decides which lane takes next
+//!   decode/validate (native form, or the Open Inference Protocol form in [`oip`]) → [`authz`]
+//!   authorize (who may score which model, where results may go) → route to a batcher; [`lanes`]
+//!   decides which lane takes next
 //! - [`batcher`]: one per model version; forms batches across jobs, splits large jobs
 //! - [`infer`]: runs a batch on a pooled session of the [`engine`]
 //! - [`result`]: scatters scores back to jobs, reassembles split jobs, adds the rows'
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod authz;
 pub mod batcher;
 pub mod budget;
 pub mod encode;

@@ -259,6 +259,7 @@ fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
                 model: Some(job.model.name.clone()),
                 model_version: Some(job.model.version),
                 protocol: job.protocol,
+                publisher: job.publisher.clone(),
                 reason: rejection,
             };
             let status = if error.reason.dead_letters() { "error" } else { "expired" };

@@ -464,10 +464,23 @@ impl Default for ShutdownSettings {
     }
 }
 
-/// What the worker demands of jobs beyond their content (docs/SECURITY.md).
+/// What the worker demands of jobs beyond their content: who may score what, where results may go,
+/// and payload encryption (docs/SECURITY.md). Everything is off by default: any job is scored,
+/// whoever sent it, in plaintext or encrypted with a known key, and its result goes to any
+/// `reply_to` it names.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
+    /// Every job must carry the AMQP `user_id` property (the broker user that published it, which
+    /// RabbitMQ checks); a job without is answered `forbidden`. A model whose config.yaml lists
+    /// `allowed_publishers` demands it either way.
+    pub require_user_id: bool,
+    /// Publishers counted by name in `batchscore_jobs_received_total{publisher}`, besides those
+    /// named in `reply_to.publishers` and in a served model's `allowed_publishers`; every other
+    /// user counts as `other`, a job without `user_id` as `none`.
+    pub known_publishers: Vec<String>,
+    /// The reply queues each publisher may name.
+    pub reply_to: ReplyToSettings,
     /// Payload encryption: key id → file holding that AES-256 key (32 raw bytes, 64 hex digits or
     /// base64 of 32 bytes). A job may come encrypted with any of them (headers `x-encryption:
     /// aes-256-gcm` and `x-key-id`); its result is encrypted with the same key. Several keys
@@ -476,6 +489,70 @@ pub struct SecuritySettings {
     pub payload_keys: BTreeMap<String, PathBuf>,
     /// Refuse jobs that come in plaintext, with error `forbidden`; needs `payload_keys`.
     pub require_encryption: bool,
+}
+
+/// `security.reply_to`: patterns of the queues a publisher may name in `reply_to`. `*` stands for
+/// any run of characters, `{user}` for the publisher's user; nothing else is special. With no
+/// pattern at all (the default), any queue may be named. Once one is set, a job whose `reply_to`
+/// does not match its publisher's pattern (its own, else `default`) is `forbidden`, and so is one
+/// from a publisher that has neither; a job without `reply_to` is always allowed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplyToSettings {
+    /// The pattern of every publisher without one of its own, e.g. `{user}.results*`.
+    pub default: Option<String>,
+    /// Publishers' own patterns, by broker user name, e.g. `risk-nightly: risk.*`.
+    pub publishers: BTreeMap<String, String>,
+}
+
+impl SecuritySettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key, problem: String| Err(SettingsError::Invalid { key, problem });
+        for name in &self.known_publishers {
+            if let Some(problem) = unusable_publisher(name) {
+                return invalid("security.known_publishers", problem);
+            }
+        }
+        if let Some(pattern) = &self.reply_to.default {
+            if let Some(problem) = unusable_pattern(pattern) {
+                return invalid("security.reply_to.default", problem);
+            }
+        }
+        for (publisher, pattern) in &self.reply_to.publishers {
+            if let Some(problem) = unusable_publisher(publisher) {
+                return invalid("security.reply_to.publishers", problem);
+            }
+            if let Some(problem) = unusable_pattern(pattern) {
+                return invalid("security.reply_to.publishers", format!("{publisher}: {problem}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `name` cannot name a publisher: empty, or a label the metrics give to others.
+fn unusable_publisher(name: &str) -> Option<String> {
+    match name {
+        "" => Some("holds an empty user name".into()),
+        "none" | "other" => Some(format!(
+            "names a user {name:?}, which the publisher label of batchscore_jobs_received_total keeps for jobs \
+             without user_id (none) and unnamed publishers (other)"
+        )),
+        _ => None,
+    }
+}
+
+/// Why a `security.reply_to` pattern would not do what its writer meant.
+fn unusable_pattern(pattern: &str) -> Option<String> {
+    if pattern.is_empty() {
+        return Some("is an empty pattern, which no reply queue matches; write * to allow any queue".into());
+    }
+    if pattern.replace("{user}", "").contains(['{', '}']) {
+        return Some(format!(
+            "pattern {pattern:?} has a brace that is not part of {{user}}, the one placeholder there is"
+        ));
+    }
+    None
 }
 
 impl Settings {
@@ -574,7 +651,7 @@ impl Settings {
         if self.metrics_addr().is_err() {
             return invalid("metrics.listen", "must be host:port, e.g. 0.0.0.0:9464 (port 0 picks a free port)");
         }
-        Ok(())
+        self.security.validate()
     }
 
     pub fn metrics_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
@@ -601,6 +678,10 @@ mod tests {
         }
         assert_eq!((&amqp.url_file, &amqp.password_file, amqp.allow_plaintext), (&None, &None, false));
         assert_eq!((&amqp.tls.ca_file, &amqp.tls.cert_file, &amqp.tls.key_file), (&None, &None, &None));
+        // Authorization is off, so the demo's guest jobs are scored.
+        let security = &settings.security;
+        assert!(!security.require_user_id && security.known_publishers.is_empty());
+        assert_eq!((&security.reply_to.default, security.reply_to.publishers.len()), (&None, 0));
         assert!(settings.security.payload_keys.is_empty() && !settings.security.require_encryption);
     }
 
@@ -697,6 +778,38 @@ mod tests {
         let dir = write_settings("security:\n  require_encryption: true\n", &[]);
         let message = load_in(&dir).expect_err("refused").to_string();
         assert!(message.contains("security.require_encryption") && message.contains("payload_keys"), "{message}");
+    }
+
+    #[test]
+    fn security_settings_read_publishers_by_their_user_names() {
+        let dir = write_settings(
+            "security:\n  require_user_id: true\n  known_publishers: [batch-ops]\n  reply_to:\n    default: \
+             \"{user}.results*\"\n    publishers:\n      risk-nightly: \"risk.*\"\n      CN=Core.Banking: \"core.*\"\n",
+            &[],
+        );
+        let security = load_in(&dir).expect("loads").security;
+        assert!(security.require_user_id);
+        assert_eq!(security.known_publishers, ["batch-ops"]);
+        assert_eq!(security.reply_to.default.as_deref(), Some("{user}.results*"));
+        let publishers: Vec<_> = security.reply_to.publishers.iter().map(|(u, p)| (u.as_str(), p.as_str())).collect();
+        assert_eq!(publishers, [("CN=Core.Banking", "core.*"), ("risk-nightly", "risk.*")], "names kept as written");
+    }
+
+    #[test]
+    fn unusable_security_settings_name_their_key() {
+        let refused = |yaml: &str, key: &str, needle: &str| {
+            let message = load_in(&write_settings(yaml, &[])).expect_err("refused").to_string();
+            assert!(message.contains(key) && message.contains(needle), "{key}, {needle}: {message}");
+        };
+        refused("security:\n  reply_to:\n    default: \"{username}.results\"\n", "security.reply_to.default", "{user}");
+        refused("security:\n  reply_to:\n    default: \"\"\n", "security.reply_to.default", "empty pattern");
+        refused(
+            "security:\n  reply_to:\n    publishers:\n      risk-nightly: \"risk.{run}\"\n",
+            "security.reply_to.publishers",
+            "risk-nightly",
+        );
+        refused("security:\n  known_publishers: [other]\n", "security.known_publishers", "other");
+        refused("security:\n  reply_to:\n    publishers:\n      none: \"x\"\n", "security.reply_to.publishers", "none");
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn start_upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
-    describe_counter!(JOBS_RECEIVED, "Jobs accepted for scoring, by model and lane.");
+    describe_counter!(JOBS_RECEIVED, "Jobs taken from a lane's queue, by model, lane and publisher.");
     describe_counter!(JOBS_COMPLETED, "Jobs answered, by model, lane and status (ok, error, expired).");
     describe_counter!(JOB_ERRORS, "Jobs answered with an error, by error code.");
     describe_counter!(ROWS_SCORED, Unit::Count, "Rows scored, by model.");
@@ -165,9 +165,11 @@ fn describe() {
 }
 
 /// A delivery taken from a lane's queue and decoded (scored or not: every job counts before it
-/// can complete); `model` must be a repository name or [`UNKNOWN_MODEL_LABEL`].
-pub fn record_job_received(model: &str, lane: &'static str, queue_wait: Option<Duration>) {
-    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => lane).increment(1);
+/// can complete); `model` must be a repository name or [`UNKNOWN_MODEL_LABEL`], `publisher` one of
+/// the bounded set `authz::PublisherLabels` gives.
+pub fn record_job_received(model: &str, lane: &'static str, publisher: &str, queue_wait: Option<Duration>) {
+    counter!(JOBS_RECEIVED, "model" => model.to_string(), "lane" => lane, "publisher" => publisher.to_string())
+        .increment(1);
     if let Some(wait) = queue_wait {
         histogram!(QUEUE_WAIT, "lane" => lane).record(wait.as_secs_f64());
     }

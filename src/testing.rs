@@ -34,6 +34,7 @@ pub fn job(model: &Arc<ModelVersion>, seq: u64, rows: usize, lane: Lane) -> Job 
         queued_for: Duration::ZERO,
         deadline_ms: None,
         protocol: Protocol::Native,
+        publisher: None,
         delivery: Delivery::new(seq),
         charge: RowBudget::new(usize::MAX).charge(rows),
         explain: None,

@@ -94,6 +94,7 @@ fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Jo
         queued_for: std::time::Duration::ZERO,
         deadline_ms: None,
         protocol: Protocol::Native,
+        publisher: None,
         delivery: Delivery::new(()),
         charge: RowBudget::new(usize::MAX).charge(rows),
         explain: None,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
 use common::certificates::{Authority, Issued};
-use common::private_broker::{BrokerOptions, PrivateBroker, TlsListener};
+use common::private_broker::{self, BrokerOptions, PrivateBroker, TlsListener};
 use common::{expected, fixtures_repository, run_bounded, Client, TestWorker, WorkerProcess};
 use serde_json::json;
 
@@ -92,45 +92,41 @@ impl Node {
     }
 }
 
-/// The shared node, booted by the first test that needs it. It is never dropped: its watchdog
-/// stops it and removes its directory when the test process exits.
+/// The shared node, booted by the first test that needs it.
 fn node() -> &'static Node {
     static NODE: OnceLock<Node> = OnceLock::new();
-    NODE.get_or_init(|| std::thread::spawn(boot).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    private_broker::shared(&NODE, boot)
 }
 
-fn boot() -> Node {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(async {
-        let made = std::env::temp_dir().join(format!("batchscore-pki-{}", uuid::Uuid::new_v4().simple()));
-        let trusted = Authority::new(&made, "trusted");
-        let stranger = Authority::new(&made, "stranger");
-        let server = trusted.server("server", &["localhost"]);
-        trusted.client("worker", CERTIFICATE_USER);
-        stranger.client("stranger", CERTIFICATE_USER);
-        let tls = TlsListener {
-            cert_file: server.cert,
-            key_file: server.key,
-            client_ca_file: trusted.ca_file(),
-            require_client_certificate: false,
-        };
-        let broker = PrivateBroker::start_with(BrokerOptions { tls: Some(tls) }).await;
-        // Into the node's directory, so that the files go with it.
-        let pki = broker.dir().join("pki");
-        std::fs::rename(&made, &pki).expect("certificates moved next to the node");
-        let unique = uuid::Uuid::new_v4().simple().to_string();
-        let users: Vec<(&'static str, String)> = ["ca-scorer", "file-scorer", "pw-scorer"]
-            .into_iter()
-            .enumerate()
-            .map(|(i, name)| (name, format!("Pw{i}-{}", &unique[..16])))
-            .collect();
-        for (name, password) in &users {
-            broker.add_user(name, password).await;
-        }
-        // A certificate login never uses this password.
-        broker.add_user(CERTIFICATE_USER, &unique).await;
-        Node { broker, pki, users }
-    })
+async fn boot() -> Node {
+    let made = std::env::temp_dir().join(format!("batchscore-pki-{}", uuid::Uuid::new_v4().simple()));
+    let trusted = Authority::new(&made, "trusted");
+    let stranger = Authority::new(&made, "stranger");
+    let server = trusted.server("server", &["localhost"]);
+    trusted.client("worker", CERTIFICATE_USER);
+    stranger.client("stranger", CERTIFICATE_USER);
+    let tls = TlsListener {
+        cert_file: server.cert,
+        key_file: server.key,
+        client_ca_file: trusted.ca_file(),
+        require_client_certificate: false,
+    };
+    let broker = PrivateBroker::start_with(BrokerOptions { tls: Some(tls) }).await;
+    // Into the node's directory, so that the files go with it.
+    let pki = broker.dir().join("pki");
+    std::fs::rename(&made, &pki).expect("certificates moved next to the node");
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let users: Vec<(&'static str, String)> = ["ca-scorer", "file-scorer", "pw-scorer"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (name, format!("Pw{i}-{}", &unique[..16])))
+        .collect();
+    for (name, password) in &users {
+        broker.add_user(name, password).await;
+    }
+    // A certificate login never uses this password.
+    broker.add_user(CERTIFICATE_USER, &unique).await;
+    Node { broker, pki, users }
 }
 
 /// `batchscore worker` on the test's queues and the fixture models, with `env` on top; the

@@ -1,11 +1,12 @@
 //! The job consumer: takes deliveries from the online and bulk lanes' queues, decodes and
-//! validates them, and routes each job to its model version's batcher, or answers it at once
-//! with an error result. Which lane may take the next delivery is the [`LanePolicy`]'s call. It
-//! follows the served repository snapshot, so a job is always resolved against the versions that
-//! have batchers. An encrypted job is decrypted here, before decoding, with the worker's
-//! [`Keyring`]; its key travels with the job so that the publisher encrypts its result. Each
-//! delivery travels on as an opaque [`flow::Delivery`] holding its [`Inbound`] handle (the body
-//! as it arrived, ciphertext for an encrypted job), which only the publisher opens.
+//! validates them, has [`crate::authz`] judge who sent them and where their results may go, and
+//! routes each job to its model version's batcher, or answers it at once with an error result.
+//! Which lane may take the next delivery is the [`LanePolicy`]'s call. It follows the served
+//! repository snapshot, so a job is always resolved against the versions that have batchers. An
+//! encrypted job is decrypted here, before decoding, with the worker's [`Keyring`]; its key
+//! travels with the job so that the publisher encrypts its result. Each delivery travels on as an
+//! opaque [`flow::Delivery`] holding its [`Inbound`] handle (the body as it arrived, ciphertext
+//! for an encrypted job), which only the publisher opens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,14 +21,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{AmqpError, Inbound};
+use crate::authz::{Policy, PublisherLabels};
 use crate::batcher::Batchers;
 use crate::encode::encode_error;
 use crate::engine::{ModelVersion, Repository};
 use crate::explain;
-use crate::flow::{self, epoch_ms, Completion, Job, JobMeta, Lane, Outgoing, Protocol, Rejected, Rejection};
+use crate::flow::{self, epoch_ms, Completion, Job, JobMeta, Lane, Origin, Outgoing, Protocol, Rejected, Rejection};
 use crate::job::{self, Envelope, JobRequest};
 use crate::lanes::LanePolicy;
-use crate::payload::{Keyring, PayloadKey};
+use crate::payload::{Keyring, Opened, PayloadKey};
 use crate::settings::{LimitSettings, Settings};
 use crate::telemetry;
 
@@ -46,6 +48,10 @@ pub struct Consumer {
     batchers: Batchers,
     publish: mpsc::Sender<Outgoing>,
     lanes: LanePolicy,
+    /// The `security` settings, shared with the threads that decode large bodies.
+    policy: Arc<Policy>,
+    /// The `publisher` label of each job, from the settings and the served models.
+    labels: PublisherLabels,
     /// Large bodies being decoded, at most one per lane.
     decoding: JoinSet<Decoded>,
     next_seq: u64,
@@ -62,6 +68,8 @@ impl Consumer {
         let repository = Arc::clone(&snapshots.borrow_and_update());
         let lanes =
             LanePolicy::new(settings.limits.max_inflight_rows, Duration::from_millis(settings.amqp.bulk_yield_ms));
+        let policy = Arc::new(Policy::new(&settings.security));
+        let labels = publisher_labels(&policy, &repository);
         Self {
             settings,
             keyring,
@@ -70,6 +78,8 @@ impl Consumer {
             batchers,
             publish,
             lanes,
+            policy,
+            labels,
             decoding: JoinSet::new(),
             next_seq: 0,
         }
@@ -104,6 +114,7 @@ impl Consumer {
                     Ok(()) => {
                         self.repository = Arc::clone(&self.snapshots.borrow_and_update());
                         self.batchers.sync(&self.repository);
+                        self.labels = publisher_labels(&self.policy, &self.repository);
                     }
                     // The worker no longer reloads models; the current versions serve on.
                     Err(_) => following = false,
@@ -163,17 +174,27 @@ impl Consumer {
         let received_at = Instant::now();
         let Delivery { data, properties, acker, .. } = delivery;
         let large = data.len() >= DECODE_APART_BYTES;
-        let (limits, repository, keyring) = (self.settings.limits, Arc::clone(&self.repository), self.keyring.clone());
-        let reply_to = properties
-            .reply_to()
-            .clone()
-            .filter(|q| !q.as_str().is_empty())
-            .unwrap_or_else(|| ShortString::from(self.settings.amqp.results_queue.as_str()));
+        let (limits, repository, keyring, policy) =
+            (self.settings.limits, Arc::clone(&self.repository), self.keyring.clone(), Arc::clone(&self.policy));
+        let origin = origin(&properties);
+        // A reply queue the publisher may not name receives nothing: the job is answered
+        // `forbidden`, in the results queue.
+        let reply_to = match &origin.reply_to {
+            Some(queue) if policy.may_reply_to(&origin) => ShortString::from(queue.as_str()),
+            _ => ShortString::from(self.settings.amqp.results_queue.as_str()),
+        };
         let lane = feed.lane;
         // Measured at receipt: a large body's decoding is the worker's time, not the queue's.
         let queued_for = queue_wait(&properties);
         let decode = move || {
-            let (key, outcome) = open_and_prepare(&keyring, &data, &properties, received_at, &limits, &repository);
+            let (key, outcome) = match open(&keyring, &data, &properties, &origin) {
+                Ok(opened) => {
+                    let outcome =
+                        prepare(opened.body(), &properties, &origin, received_at, &limits, &policy, &repository);
+                    (opened.key().cloned(), outcome)
+                }
+                Err(rejected) => (None, Err(rejected)),
+            };
             let correlation_id = properties.correlation_id().clone();
             let inbound = Inbound { acker, reply_to, correlation_id, properties, body: data };
             Decoded { lane, received_at, queued_for, delivery: flow::Delivery::new(inbound), key, outcome }
@@ -192,8 +213,9 @@ impl Consumer {
     async fn dispatch(&mut self, decoded: Decoded) -> bool {
         let Decoded { lane, received_at, queued_for, delivery, key, outcome } = decoded;
         match outcome {
-            Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol, explain }) => {
-                telemetry::record_job_received(&model.name, lane.as_str(), queued_for);
+            Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol, publisher, explain }) => {
+                let label = self.labels.label(publisher.as_deref());
+                telemetry::record_job_received(&model.name, lane.as_str(), label, queued_for);
                 telemetry::record_inflight(1.0, rows as f64);
                 self.next_seq += 1;
                 let meta = JobMeta {
@@ -206,6 +228,7 @@ impl Consumer {
                     queued_for: queued_for.unwrap_or_default(),
                     deadline_ms,
                     protocol,
+                    publisher,
                     delivery,
                     charge: self.lanes.budget(lane).charge(rows),
                     explain,
@@ -219,17 +242,18 @@ impl Consumer {
             }
             Err(error) => {
                 let (job_id, model) = (error.job_id.as_deref().unwrap_or("-"), error.model.as_deref().unwrap_or("-"));
-                let code = error.reason.code().as_str();
+                let (code, publisher) = (error.reason.code().as_str(), error.publisher.as_deref().unwrap_or("-"));
                 // The message can quote the job's values (`rows[0][3] = 1e39 is outside the float32
                 // range`): the error result gives it to the publisher who sent them; the log says
                 // what is wrong and where, and the full message only at trace level.
-                tracing::warn!(job_id, model, code, problem = %error.reason.without_values(), "job rejected");
-                tracing::trace!(job_id, model, code, error = %error.reason, "job rejected: the full message");
+                tracing::warn!(job_id, model, code, publisher, problem = %error.reason.without_values(), "job rejected");
+                tracing::trace!(job_id, model, code, publisher, error = %error.reason, "job rejected: the full message");
                 let model = match error.model.as_deref() {
                     Some(name) if self.repository.names().contains(&name) => name,
                     _ => telemetry::UNKNOWN_MODEL_LABEL,
                 };
-                telemetry::record_job_received(model, lane.as_str(), queued_for);
+                let label = self.labels.label(error.publisher.as_deref());
+                telemetry::record_job_received(model, lane.as_str(), label, queued_for);
                 telemetry::record_job_error(error.reason.code().as_str());
                 telemetry::record_inflight(1.0, 0.0);
                 let since = Completion::published_at(received_at, queued_for.unwrap_or_default());
@@ -252,44 +276,56 @@ fn queue_wait(properties: &BasicProperties) -> Option<Duration> {
     properties.timestamp().map(|seconds| Duration::from_millis(epoch_ms().saturating_sub(seconds.saturating_mul(1000))))
 }
 
-/// Opens the job's body with `keyring` (its plaintext, when it came encrypted), then
-/// [`prepare`]s it; with the key it came encrypted with, which must encrypt its result. A body
-/// that cannot be opened is `forbidden`, answered in plaintext: the publisher is told the key id
-/// it named and nothing more, the log says which check failed.
-fn open_and_prepare(
+/// Opens the job's body with `keyring`: its plaintext, when it came encrypted, with the key that
+/// must encrypt its result. A body that cannot be opened is `forbidden`, answered in plaintext:
+/// the publisher is told the key id it named and nothing more, the log says which check failed.
+fn open<'a>(
     keyring: &Keyring,
-    body: &[u8],
+    body: &'a [u8],
     properties: &BasicProperties,
-    received_at: Instant,
-    limits: &LimitSettings,
-    repository: &Repository,
-) -> (Option<PayloadKey>, Result<Prepared, Rejected>) {
-    let opened = match keyring.open(super::sealing(properties), body) {
-        Ok(opened) => opened,
-        Err(refusal) => {
-            let job_id = properties.message_id().as_ref().map(ShortString::as_str);
-            tracing::warn!(job_id, key_id = refusal.key_id(), cause = refusal.cause(), "job refused before decoding");
-            let model = super::model_header(properties);
-            let rejected = Rejected {
-                job_id: job_id.filter(|id| !id.is_empty()).map(str::to_string),
-                model: model.map(str::to_string),
-                model_version: None,
-                protocol: if model.is_some() { Protocol::OpenInference } else { Protocol::Native },
-                reason: Rejection::Forbidden(refusal.to_string()),
-            };
-            return (None, Err(rejected));
+    origin: &Origin,
+) -> Result<Opened<'a>, Rejected> {
+    keyring.open(super::sealing(properties), body).map_err(|refusal| {
+        let job_id = properties.message_id().as_ref().map(ShortString::as_str);
+        tracing::warn!(job_id, key_id = refusal.key_id(), cause = refusal.cause(), "job refused before decoding");
+        let model = super::model_header(properties);
+        Rejected {
+            job_id: job_id.filter(|id| !id.is_empty()).map(str::to_string),
+            model: model.map(str::to_string),
+            model_version: None,
+            protocol: if model.is_some() { Protocol::OpenInference } else { Protocol::Native },
+            publisher: origin.publisher.clone(),
+            reason: Rejection::Forbidden(refusal.to_string()),
         }
-    };
-    let outcome = prepare(opened.body(), properties, received_at, limits, repository);
-    (opened.key().cloned(), outcome)
+    })
 }
 
-/// Decodes, validates and binds a job to the version of `repository` that scores it. Pure.
+/// Who sent the message (its `user_id`, which the broker checked) and where it asks its result to
+/// go (`reply_to`); empty values count as absent.
+fn origin(properties: &BasicProperties) -> Origin {
+    fn text(value: &Option<ShortString>) -> Option<&str> {
+        value.as_ref().map(ShortString::as_str).filter(|v| !v.is_empty())
+    }
+    Origin {
+        publisher: text(properties.user_id()).map(Arc::from),
+        reply_to: text(properties.reply_to()).map(str::to_string),
+    }
+}
+
+/// The `publisher` labels of the settings' and the served models' publishers.
+fn publisher_labels(policy: &Policy, repository: &Repository) -> PublisherLabels {
+    PublisherLabels::new(policy, repository.versions().map(|version| version.allowed_publishers.as_deref()))
+}
+
+/// Decodes, validates, authorizes and binds a job to the version of `repository` that scores it.
+/// Pure.
 fn prepare(
     body: &[u8],
     properties: &BasicProperties,
+    origin: &Origin,
     received_at: Instant,
     limits: &LimitSettings,
+    policy: &Policy,
     repository: &Repository,
 ) -> Result<Prepared, Rejected> {
     let envelope = Envelope {
@@ -298,26 +334,59 @@ fn prepare(
         content_type: properties.content_type().as_ref().map(ShortString::as_str),
         model_header: super::model_header(properties),
     };
+    let publisher = || origin.publisher.clone();
+    // A job the message alone rules out (no identity where one is required, a reply queue its
+    // publisher may not name) is `forbidden` whatever its body holds; the body is still read for
+    // the id, model and form its answer names.
     let JobRequest { job_id, model: model_name, model_version, features, protocol, explain } =
-        job::decode(envelope, limits)?;
+        match (policy.admit(origin), job::decode(envelope, limits)) {
+            (Ok(()), Ok(request)) => request,
+            (Ok(()), Err(error)) => return Err(Rejected { publisher: publisher(), ..error }),
+            (Err(reason), Ok(request)) => {
+                return Err(Rejected {
+                    job_id: Some(request.job_id),
+                    model: Some(request.model),
+                    model_version: request.model_version,
+                    protocol: request.protocol,
+                    publisher: publisher(),
+                    reason,
+                })
+            }
+            (Err(reason), Err(error)) => return Err(Rejected { publisher: publisher(), reason, ..error }),
+        };
     let rejected = |model_version, reason| Rejected {
         job_id: Some(job_id.clone()),
         model: Some(model_name.clone()),
         model_version,
         protocol,
+        publisher: publisher(),
         reason,
     };
-    let deadline_ms = deadline(properties, received_at).map_err(|reason| rejected(model_version, reason))?;
     let model = repository
         .resolve(&model_name, model_version)
         .map_err(|e| rejected(model_version, Rejection::UnknownModel(e.to_string())))?;
+    // Before anything else of the job is checked: a publisher the model does not allow learns
+    // nothing of its inputs.
+    policy
+        .permit(origin, &model.name, model.allowed_publishers.as_deref())
+        .map_err(|reason| rejected(model_version, reason))?;
+    let deadline_ms = deadline(properties, received_at).map_err(|reason| rejected(model_version, reason))?;
     let rows = features.row_count();
     let mut inputs = job::bind(features, model).map_err(|reason| rejected(Some(model.version), reason))?;
     let explain = job::explain(explain, model, &mut inputs, rows, limits.max_rows_per_job)
         .map_err(|reason| rejected(Some(model.version), reason))?;
     // Explaining by sampling scores more rows than the job sent.
     let rows = inputs.len() / model.signature.n_features.max(1);
-    Ok(Prepared { job_id, rows, model: Arc::clone(model), inputs, deadline_ms, protocol, explain })
+    Ok(Prepared {
+        job_id,
+        rows,
+        model: Arc::clone(model),
+        inputs,
+        deadline_ms,
+        protocol,
+        publisher: publisher(),
+        explain,
+    })
 }
 
 /// A delivery with the outcome of its decoding, on its way to [`Consumer::dispatch`].
@@ -339,6 +408,7 @@ struct Prepared {
     inputs: Vec<f32>,
     deadline_ms: Option<u64>,
     protocol: Protocol,
+    publisher: Option<Arc<str>>,
     explain: Option<explain::Request>,
 }
 

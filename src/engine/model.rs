@@ -36,6 +36,9 @@ pub struct ModelConfig {
     pub cuda_memory_limit_mb: Option<u64>,
     /// How scores are explained (docs/EXPLANATIONS.md); jobs may ask for explanations only when set.
     pub explain: Option<ExplainConfig>,
+    /// The broker users whose jobs may score this model (the AMQP `user_id` of the job); any other
+    /// job, and one without `user_id`, is answered `forbidden`. Absent: any publisher; `[]`: none.
+    pub allowed_publishers: Option<Vec<String>>,
 }
 
 impl ModelConfig {
@@ -186,6 +189,8 @@ pub struct ModelVersion {
     pub feature_index: HashMap<String, usize>,
     /// Present when config.yaml has `explain`.
     pub explainer: Option<Explainer>,
+    /// config.yaml `allowed_publishers`: who may score this version; `None`: anyone.
+    pub allowed_publishers: Option<Vec<String>>,
     pub batching: BatchingSettings,
     /// The execution provider the sessions run on (CPU after a permitted fallback from CUDA).
     pub provider: ExecutionProvider,
@@ -219,6 +224,9 @@ impl ModelVersion {
             path: path.to_path_buf(),
             problem,
         };
+        if config.allowed_publishers.iter().flatten().any(String::is_empty) {
+            return Err(invalid("config.yaml allowed_publishers holds an empty user name".into()));
+        }
         let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read the model file: {e}")))?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         let inference = config.inference(inference);
@@ -268,6 +276,7 @@ impl ModelVersion {
             feature_names: config.features.clone(),
             feature_index,
             explainer,
+            allowed_publishers: config.allowed_publishers.clone(),
             batching: config.batching.apply(batching),
             provider,
             engine: inference.engine,

@@ -302,6 +302,16 @@ mod tests {
     }
 
     #[test]
+    fn allowed_publishers_are_read_as_written_and_absent_by_default() {
+        let config = ModelConfig::from_yaml("allowed_publishers: [core-banking, CN=Risk.Nightly]").expect("parses");
+        let expected = ["core-banking".to_string(), "CN=Risk.Nightly".to_string()];
+        assert_eq!(config.allowed_publishers.as_deref(), Some(&expected[..]));
+        let closed = ModelConfig::from_yaml("allowed_publishers: []").expect("parses");
+        assert_eq!(closed.allowed_publishers.as_deref(), Some(&[][..]), "an empty list closes the model");
+        assert_eq!(ModelConfig::from_yaml("").expect("parses").allowed_publishers, None);
+    }
+
+    #[test]
     fn model_config_keeps_case_and_names_the_key_at_fault() {
         let config = ModelConfig::from_yaml("features: [Age, ABC]\noutputs: [Label]").expect("config parses");
         assert_eq!(config.features.as_deref(), Some(&["Age".to_string(), "ABC".to_string()][..]));

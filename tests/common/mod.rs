@@ -48,12 +48,18 @@ pub fn fixtures_repository() -> PathBuf {
 /// Remove it with `std::fs::remove_dir_all` when done.
 pub fn private_repository(name: &str, model: &str, version: u64) -> PathBuf {
     let root = std::env::temp_dir().join(format!("batchscore-{name}-{}", uuid::Uuid::new_v4().simple()));
+    add_to_repository(&root, name, model, version);
+    root
+}
+
+/// Adds version `version` of fixture model `model` (file and config.yaml) to the repository at
+/// `root` under the name `name`.
+pub fn add_to_repository(root: &Path, name: &str, model: &str, version: u64) {
     let folder = root.join(name).join(version.to_string());
     std::fs::create_dir_all(&folder).expect("private repository");
     let fixture = fixtures_repository().join(model);
     std::fs::copy(fixture.join("config.yaml"), root.join(name).join("config.yaml")).expect("fixture config");
     std::fs::copy(fixture.join(format!("{version}/model.onnx")), folder.join("model.onnx")).expect("fixture model");
-    root
 }
 
 /// `tests/fixtures/expected/<name>.json`.
@@ -137,17 +143,23 @@ impl TestWorker {
             .await
             .expect("jobs queue exists")
             .message_count();
-        let mut dead_letters = Vec::new();
-        while let Some(message) = channel
-            .basic_get(amqp.dead_letter_queue.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("dead-letter queue exists")
-        {
-            dead_letters.push(message);
-        }
+        let dead_letters = take_all(&channel, &amqp.dead_letter_queue).await;
         delete_topology_at(url, settings).await;
         (left, dead_letters)
     }
+}
+
+/// Every message waiting in `queue`, taken off it.
+pub async fn take_all(channel: &Channel, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let mut messages = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"))
+    {
+        messages.push(message);
+    }
+    messages
 }
 
 /// Waits until `GET /readyz` answers 200: connected, with queues declared (jobs sent before could
@@ -229,13 +241,37 @@ impl Client {
         Self::connected(connect_to(url).await, settings, FieldTable::default()).await
     }
 
+    /// A client of the broker at `url` whose reply queue is `reply_queue` (a name a
+    /// `security.reply_to` pattern must match), declared like the others.
+    pub async fn at_replying_to(url: &str, settings: &Settings, reply_queue: &str) -> Client {
+        let declared = Some((private_queue(), FieldTable::default()));
+        Self::listening(connect_to(url).await, settings, reply_queue.to_string(), declared).await
+    }
+
+    /// A client of the broker at `url` that receives the messages of `queue`, which exists (the
+    /// worker's results queue); its own jobs reply there too.
+    pub async fn on_queue(url: &str, settings: &Settings, queue: &str) -> Client {
+        Self::listening(connect_to(url).await, settings, queue.to_string(), None).await
+    }
+
     async fn connected(connection: Connection, settings: &Settings, arguments: FieldTable) -> Client {
-        let channel = connection.create_channel().await.expect("channel");
-        channel.confirm_select(Default::default()).await.expect("confirms");
         let reply_queue =
             format!("{}.replies.{}", settings.amqp.jobs_queue, &uuid::Uuid::new_v4().simple().to_string()[..6]);
-        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        channel.queue_declare(reply_queue.as_str().into(), options, arguments).await.expect("reply queue");
+        Self::listening(connection, settings, reply_queue, Some((private_queue(), arguments))).await
+    }
+
+    /// A client receiving on `reply_queue`, which it declares first when `declared` says how.
+    async fn listening(
+        connection: Connection,
+        settings: &Settings,
+        reply_queue: String,
+        declared: Option<(QueueDeclareOptions, FieldTable)>,
+    ) -> Client {
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(Default::default()).await.expect("confirms");
+        if let Some((options, arguments)) = declared {
+            channel.queue_declare(reply_queue.as_str().into(), options, arguments).await.expect("reply queue");
+        }
         let replies = channel
             .basic_consume(
                 reply_queue.as_str().into(),
@@ -260,7 +296,12 @@ impl Client {
 
     /// Publishes raw bytes as a job replying to this client; waits for the broker's confirm.
     pub async fn send_raw(&self, body: &[u8], properties: BasicProperties) {
-        let properties = properties.with_reply_to(self.reply_queue.as_str().into());
+        self.publish(body, properties.with_reply_to(self.reply_queue.as_str().into())).await;
+    }
+
+    /// Publishes raw bytes as a job with exactly `properties` (a `reply_to` of its own, or none);
+    /// waits for the broker's confirm.
+    pub async fn publish(&self, body: &[u8], properties: BasicProperties) {
         let publish = async {
             let confirm = self
                 .channel
@@ -308,6 +349,11 @@ impl Client {
     pub async fn result(&mut self) -> Value {
         self.results(1).await.remove(0).0
     }
+}
+
+/// How a client declares its own reply queue: it goes when the client does.
+fn private_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }
 }
 
 /// Asserts `actual` equals `expected`, numbers within `TOLERANCE`; `path` names the spot on failure.
@@ -362,16 +408,17 @@ impl Drop for WorkerProcess {
 /// A worker process on the test's queues and the fixture models; its log goes to a file in the
 /// temporary directory named after the jobs queue.
 pub fn spawn_worker_process(settings: &Settings, metrics_listen: &str) -> WorkerProcess {
+    spawn_logged(worker_command(settings, metrics_listen), settings)
+}
+
+/// `command`, a [`worker_command`] on `settings`' queues, started with its log in a file of the
+/// temporary directory named after the jobs queue.
+pub fn spawn_logged(mut command: Command, settings: &Settings) -> WorkerProcess {
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker{n}.log", settings.amqp.jobs_queue)))
         .expect("log file");
-    worker_command(settings, metrics_listen)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(WorkerProcess)
-        .expect("worker process starts")
+    command.stdout(std::process::Stdio::null()).stderr(log).spawn().map(WorkerProcess).expect("worker process starts")
 }
 
 /// `batchscore worker` on the test's queues and models, logging at info, for a test to add its

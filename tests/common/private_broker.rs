@@ -18,10 +18,12 @@
 //! `rabbitmqctl(&["join_cluster", first.node()])`, `rabbitmqctl(&["start_app"])`.
 
 use std::fs;
+use std::future::Future;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
@@ -59,6 +61,24 @@ pid=$(cat "$dir/pid" 2>/dev/null || true)
 if [ -n "$pid" ] && grep -q beam "/proc/$pid/comm" 2>/dev/null; then kill -KILL "$pid"; fi
 rm -rf "$dir"
 "#;
+
+/// A node (and what the tests know of it) shared by every test of a binary: made by `boot` for
+/// the first test that asks, on a thread and runtime of its own (the asking test's runtime cannot
+/// block on it). It is never dropped: the node's watchdog stops it and removes its directory when
+/// the test process exits.
+pub fn shared<T, F>(cell: &'static OnceLock<T>, boot: fn() -> F) -> &'static T
+where
+    T: Send + Sync + 'static,
+    F: Future<Output = T> + 'static,
+{
+    cell.get_or_init(|| {
+        let booted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            runtime.block_on(boot())
+        });
+        booted.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
 
 /// What a node offers besides its plaintext AMQP listener.
 #[derive(Debug, Clone, Default)]
@@ -121,7 +141,13 @@ impl PrivateBroker {
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+        self.url_as("guest", "guest")
+    }
+
+    /// `amqp://<user>:<password>@127.0.0.1:<port>/%2f`: the plaintext listener, as another user
+    /// ([`PrivateBroker::add_user`]).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", self.amqp_port)
     }
 
     /// `amqps://<userinfo>@<host>:<TLS port>/%2f<query>`: `userinfo` may be empty (certificate
