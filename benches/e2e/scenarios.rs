@@ -272,16 +272,16 @@ pub async fn drain_model(
 }
 
 /// When draining began: readiness as polled, or the first result if that came sooner.
-fn started(ready_at: Instant, collected: &Collected) -> Instant {
+pub fn started(ready_at: Instant, collected: &Collected) -> Instant {
     collected.received_at.iter().flatten().copied().fold(ready_at, Instant::min)
 }
 
 /// Stops the worker; a failure to stop cleanly becomes a note, the figures stand.
-async fn stop(worker: Worker) -> Option<String> {
+pub async fn stop(worker: Worker) -> Option<String> {
     worker.stop().await.err().map(|error| format!("{error:#}"))
 }
 
-fn duplicates(collected: &Collected) -> Option<String> {
+pub fn duplicates(collected: &Collected) -> Option<String> {
     (collected.duplicates > 0).then(|| format!("{} duplicate results", collected.duplicates))
 }
 
