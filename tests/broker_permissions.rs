@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -82,23 +82,6 @@ impl Node {
 
     async fn ctl(&self, args: &[&str]) -> String {
         self.broker.rabbitmqctl(args).await
-    }
-
-    /// Waits until the node has a connection of `user` logged in with `mechanism` over TLS.
-    async fn wait_for_connection(&self, user: &str, mechanism: &str) {
-        let started = Instant::now();
-        loop {
-            let listed =
-                self.ctl(&["list_connections", "-q", "--no-table-headers", "user", "auth_mechanism", "ssl"]).await;
-            if listed.lines().any(|line| line.split('\t').collect::<Vec<_>>() == [user, mechanism, "true"]) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no TLS connection of {user} with {mechanism}: {listed}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }
 
@@ -177,7 +160,7 @@ async fn the_shipped_files_make_a_tls_only_node_with_certificate_login_and_only_
     // Every user logs in by its certificate.
     for user in USERS {
         let connection = node.connect(user).await;
-        node.wait_for_connection(user, "EXTERNAL").await;
+        node.broker.wait_for_connection(user, "EXTERNAL", true).await;
         let _ = connection.close(200, "logged in".into()).await;
     }
 
@@ -604,7 +587,7 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     if ready.await.is_err() {
         panic!("the worker did not become ready; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
-    node.wait_for_connection(WORKER, "EXTERNAL").await;
+    node.broker.wait_for_connection(WORKER, "EXTERNAL", true).await;
 
     let fixture = expected("linear_v1");
     let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
@@ -678,16 +661,7 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let code = headers.inner().get("x-error-code").cloned();
     assert_eq!(code, Some(AMQPValue::LongString("unknown_model".into())), "{headers:?}");
 
-    let terminated = Command::new("kill").args(["-TERM", &worker.0.id().to_string()]).status().expect("kill runs");
-    assert!(terminated.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = worker.0.try_wait().expect("worker status") {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the worker did not stop within 60 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = worker.terminate().await;
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{status}; its log:\n{logged}");
     assert!(!logged.contains("ACCESS_REFUSED"), "the worker was refused something:\n{logged}");

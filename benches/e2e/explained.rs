@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use crate::broker::{Collector, Topology};
 use crate::jobs::{self, Job};
-use crate::report::{not_done, spread_cell, thousands, two_places, Spread};
+use crate::report::{goal_cell, not_done, spread_cell, thousands, two_places, Spread};
 use crate::scenarios::{self, broker_pid, cpu_seconds, Drain, Measured, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS};
 use crate::workers::{Kind, Worker};
 use crate::{progress, Bench, PHASE_TIMEOUT};
@@ -864,12 +864,7 @@ impl ExplainReport {
         for c in &self.throughput {
             let spread = |s: Option<Spread>| spread_cell(s, PAIRS);
             let ratio = c.ratio();
-            let target = match (c.method.goal, ratio) {
-                (None, _) => "documented (no target)".to_string(),
-                (Some(goal), Some(r)) if r >= goal => format!("≥ {goal}: met"),
-                (Some(goal), Some(_)) => format!("≥ {goal}: **not met**"),
-                (Some(goal), None) => format!("≥ {goal}: n/a"),
-            };
+            let target = goal_cell(c.method.goal, ratio, "documented (no target)");
             let _ = writeln!(
                 out,
                 "| {} (`{}`) | {} × {} | {} | {} | {} | {} | {target} |",

@@ -436,6 +436,17 @@ pub fn spread_cell(spread: Option<Spread>, expected: usize) -> String {
     })
 }
 
+/// A table cell judging `ratio` against an at-least `goal`: `≥ 0.8: met`, `**not met**` or `n/a`
+/// (no ratio); `without_goal` when there is no goal.
+pub fn goal_cell(goal: Option<f64>, ratio: Option<f64>, without_goal: &str) -> String {
+    match (goal, ratio) {
+        (None, _) => without_goal.to_string(),
+        (Some(goal), Some(r)) if r >= goal => format!("≥ {goal}: met"),
+        (Some(goal), Some(_)) => format!("≥ {goal}: **not met**"),
+        (Some(goal), None) => format!("≥ {goal}: n/a"),
+    }
+}
+
 /// Two decimal places, or two significant digits for a figure too small to show in them.
 pub fn two_places(value: f64) -> String {
     if value != 0.0 && value.abs() < 0.005 {

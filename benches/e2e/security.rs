@@ -26,7 +26,7 @@ use anyhow::{anyhow, Context, Result};
 use crate::broker::{Broker, Expectation, Topology};
 use crate::certificates::Authority;
 use crate::private_broker::{BrokerOptions, PrivateBroker, TlsListener};
-use crate::report::{not_done, spread_cell, thousands, two_places, Spread};
+use crate::report::{goal_cell, not_done, spread_cell, thousands, two_places, Spread};
 use crate::scenarios::{self, cpu_seconds, Drain, Measured};
 use crate::workers::{Kind, Worker};
 use crate::{jobs, progress, Bench, Skip, PHASE_TIMEOUT};
@@ -282,23 +282,9 @@ async fn drain(
     if session.is_none() && variant.key == TLS.key {
         *session = Some(node.tls_sessions().await).filter(|s| !s.is_empty());
     }
-    let mean_batch = worker.mean_batch_rows().await;
-    let peak_rss = worker.peak_rss_bytes();
-    let notes = scenarios::stop(worker).await.into_iter().chain(scenarios::duplicates(&collected)).collect();
+    let drain = scenarios::drained(&name, worker, ready_at, &collected, rows_per_job).await;
     replies.close().await;
     node.driver.delete(&topology).await;
-
-    let seconds = collected.last.duration_since(scenarios::started(ready_at, &collected)).as_secs_f64().max(1e-6);
-    let drain = Drain {
-        jobs,
-        rows: jobs * rows_per_job,
-        seconds,
-        mean_batch,
-        peak_rss,
-        spot_checked: collected.spot_checked,
-        notes,
-    };
-    progress(&format!("{name}: {:.0} jobs/s, {:.0} rows/s", drain.jobs_per_s(), drain.rows_per_s()));
     let cpu = [0, 1].map(|p| Some(cpu_after[p]? - cpu_before[p]?));
     Ok(Run { drain, cpu })
 }
@@ -335,12 +321,7 @@ impl SecurityReport {
                         .map_or("—".into(), |s| format!("{:.1}", s.median))
                 };
                 let ratio = if v == 0 { "—".to_string() } else { c.ratio(v).map_or("—".into(), two_places) };
-                let target = match (variant.goal, c.ratio(v)) {
-                    (None, _) => "baseline".to_string(),
-                    (Some(goal), Some(r)) if r >= goal => format!("≥ {goal}: met"),
-                    (Some(goal), Some(_)) => format!("≥ {goal}: **not met**"),
-                    (Some(goal), None) => format!("≥ {goal}: n/a"),
-                };
+                let target = goal_cell(variant.goal, c.ratio(v), "baseline");
                 let _ = writeln!(
                     out,
                     "| {} | {} | {} | {} | {ratio} | {} | {} | {target} |",

@@ -353,6 +353,22 @@ pub fn expected_slice(outputs: &Value, range: std::ops::Range<usize>) -> Value {
 /// A worker process that is killed when dropped, so a failing test leaves none behind.
 pub struct WorkerProcess(pub std::process::Child);
 
+impl WorkerProcess {
+    /// SIGTERM, then waits (60 s at most) for the worker to finish what it holds and exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let signalled = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().expect("kill runs");
+        assert!(signalled.success(), "SIGTERM to worker {}", self.0.id());
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().expect("worker status") {
+                return status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the worker did not stop within 60 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         // Already gone when the test stopped it: both calls then fail harmlessly.

@@ -176,6 +176,36 @@ impl PrivateBroker {
         self.rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]).await;
     }
 
+    /// The users, login mechanisms and TLS flags of the node's connections.
+    pub async fn connections(&self) -> Vec<(String, String, bool)> {
+        let listed =
+            self.rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "user", "auth_mechanism", "ssl"]).await;
+        listed
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\t');
+                Some((fields.next()?.to_string(), fields.next()?.to_string(), fields.next()? == "true"))
+            })
+            .collect()
+    }
+
+    /// Waits (30 s at most) until the node has a connection of `user` logged in with `mechanism`
+    /// (`PLAIN`, `EXTERNAL`), over TLS when `ssl`.
+    pub async fn wait_for_connection(&self, user: &str, mechanism: &str, ssl: bool) {
+        let started = Instant::now();
+        loop {
+            let connections = self.connections().await;
+            if connections.iter().any(|(u, m, s)| u == user && m == mechanism && *s == ssl) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no connection of {user} with {mechanism}, ssl {ssl}: {connections:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The node's directory: files a test puts here go with the node (when it is dropped, or by
     /// its watchdog when the test process exits).
     pub fn dir(&self) -> &Path {
