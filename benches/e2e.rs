@@ -5,8 +5,8 @@
 //! (ONNX Runtime in `.onnxruntime/` and a broker at `BATCHSCORE__AMQP__URL`, default the local
 //! one). `BENCH_SCALE=0.1` shrinks job counts and durations for a quick check. The report goes to
 //! `target/bench/e2e.md` (or `BENCH_REPORT`) and to stdout; worker logs to `target/bench/logs/`.
-//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised, explain) runs only those
-//! phases.
+//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised, explain, security) runs
+//! only those phases.
 //! `BATCHSCORE__<SECTION>__<KEY>` variables reach every worker and the in-process model, and the
 //! Python workers get the same prefetch, batching and thread settings, so one can compare, say,
 //! `BATCHSCORE__INFERENCE__INTRA_THREADS=1` runs.
@@ -25,8 +25,11 @@
 //! model's engine ceiling (b) at the batch size (c) formed, and the variant's held-out figures from
 //! its `quantisation.json`. Last, explanations: (c) serving `tests/fixtures/explain/models`, rows/s
 //! with and without `"explain": true` per method in alternating pairs, and the worker's own p99 of
-//! single-row explained jobs at a fixed rate (`benches/e2e/explained.rs`). Every measurement runs
-//! on its own uniquely named queues, which are deleted at the end.
+//! single-row explained jobs at a fixed rate (`benches/e2e/explained.rs`). Then security: (c)
+//! draining 1-row and 100-row jobs over `amqps://` and over `amqp://` of one private RabbitMQ node,
+//! in alternating rounds (`benches/e2e/security.rs`; the node and its certificates come from the
+//! test suite's harness, so this phase needs root or user rabbitmq, like the tests). Every
+//! measurement runs on its own uniquely named queues, which are deleted at the end.
 
 #[path = "e2e/broker.rs"]
 mod broker;
@@ -42,8 +45,20 @@ mod quantised;
 mod report;
 #[path = "e2e/scenarios.rs"]
 mod scenarios;
+#[path = "e2e/security.rs"]
+mod security;
 #[path = "e2e/workers.rs"]
 mod workers;
+
+// The test suite's private RabbitMQ node and its test-time certificates, for the security phase.
+#[allow(dead_code)]
+#[path = "../tests/common/certificates.rs"]
+mod certificates;
+#[allow(dead_code)]
+#[path = "../tests/common/private_broker.rs"]
+mod private_broker;
+#[path = "../tests/common/process.rs"]
+mod process;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +71,8 @@ use batchscore::settings::Settings;
 use crate::broker::{Broker, Topology};
 use crate::engine::{Engine, Reference};
 use crate::jobs::Samples;
+// `private_broker` calls it as `super::run_bounded`, as it does in tests/common.
+use crate::process::run_bounded;
 use crate::report::Report;
 
 /// Longest one measurement may take, pre-fill and worker start-up included.
@@ -104,6 +121,9 @@ async fn run() -> Result<bool> {
     }
     if phase_wanted("explain") {
         report.explain = Some(explained::compare(&bench).await);
+    }
+    if phase_wanted("security") {
+        report.security = Some(security::compare(&bench).await);
     }
     bench.cleanup().await;
     let text = report.render();
@@ -215,7 +235,7 @@ fn scale_from_env() -> Result<f64> {
 }
 
 /// `BENCH_ONLY=lanes,quantised` runs only the named phases (drains, open-loop, lanes, quantised,
-/// explain).
+/// explain, security).
 fn phase_wanted(phase: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == phase))
 }

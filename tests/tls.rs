@@ -59,37 +59,6 @@ impl Node {
     fn password(&self, user: &str) -> &str {
         self.users.iter().find(|(name, _)| *name == user).map(|(_, password)| password.as_str()).expect("a known user")
     }
-
-    /// The users, login mechanisms and TLS flags of the node's connections.
-    async fn connections(&self) -> Vec<(String, String, bool)> {
-        let listed = self
-            .broker
-            .rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "user", "auth_mechanism", "ssl"])
-            .await;
-        listed
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split('\t');
-                Some((fields.next()?.to_string(), fields.next()?.to_string(), fields.next()? == "true"))
-            })
-            .collect()
-    }
-
-    /// Waits until the node has a connection of `user` with `mechanism` and `ssl`.
-    async fn wait_for_connection(&self, user: &str, mechanism: &str, ssl: bool) {
-        let started = Instant::now();
-        loop {
-            let connections = self.connections().await;
-            if connections.iter().any(|(u, m, s)| u == user && m == mechanism && *s == ssl) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no connection of {user} with {mechanism}, ssl {ssl}: {connections:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 /// The shared node, booted by the first test that needs it.
@@ -191,7 +160,7 @@ async fn a_worker_scores_over_amqps_verifying_the_broker_against_ca_file() {
     settings.amqp.url = node.broker.amqps_url(&format!("{user}:{}", node.password(user)), "localhost", "");
     settings.amqp.tls.ca_file = Some(node.ca_file());
     let worker = TestWorker::start(settings.clone()).await;
-    node.wait_for_connection(user, "PLAIN", true).await;
+    node.broker.wait_for_connection(user, "PLAIN", true).await;
     score_one_job(&settings).await;
     assert_eq!(worker.stop_via(&node.broker.url()).await, 0);
 }
@@ -207,7 +176,7 @@ async fn certificate_login_scores_as_the_user_the_certificate_names() {
     settings.amqp.tls.key_file = Some(certificate.key);
     let worker = TestWorker::start(settings.clone()).await;
     // Logged in by the certificate, not as the URI's default user (guest, which loopback allows).
-    node.wait_for_connection(CERTIFICATE_USER, "EXTERNAL", true).await;
+    node.broker.wait_for_connection(CERTIFICATE_USER, "EXTERNAL", true).await;
     score_one_job(&settings).await;
     assert_eq!(worker.stop_via(&node.broker.url()).await, 0);
 }
@@ -454,7 +423,7 @@ async fn password_file_logs_the_worker_in_and_the_password_is_never_printed() {
             .expect("starts"),
     );
     common::wait_until_ready(metrics, START_UP_PATIENCE).await;
-    node.wait_for_connection(user, "PLAIN", false).await;
+    node.broker.wait_for_connection(user, "PLAIN", false).await;
     score_one_job(&settings).await;
     // The job counts as completed once acknowledged, a moment after its result arrived.
     let started = Instant::now();
@@ -468,16 +437,7 @@ async fn password_file_logs_the_worker_in_and_the_password_is_never_printed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     printed.push(("/metrics", scrape));
-    let terminated = Command::new("kill").args(["-TERM", &worker.0.id().to_string()]).status().expect("kill runs");
-    assert!(terminated.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = worker.0.try_wait().expect("worker status") {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the worker did not stop within 60 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = worker.terminate().await;
     assert!(status.success(), "{status}");
     let logged = std::fs::read_to_string(&log).expect("the worker's log");
     // At debug level the worker prints its settings, the broker URI among them.
@@ -522,7 +482,7 @@ async fn url_file_gives_worker_and_submit_their_broker() {
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starts"),
     );
     common::wait_until_ready(metrics, START_UP_PATIENCE).await;
-    node.wait_for_connection(user, "PLAIN", true).await;
+    node.broker.wait_for_connection(user, "PLAIN", true).await;
 
     let fixture = expected("linear_v1");
     let names: Vec<&str> = fixture["feature_names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();

@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use crate::broker::{Collector, Topology};
 use crate::jobs::{self, Job};
-use crate::report::{not_done, thousands, two_places};
+use crate::report::{goal_cell, not_done, spread_cell, thousands, two_places, Spread};
 use crate::scenarios::{self, broker_pid, cpu_seconds, Drain, Measured, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS};
 use crate::workers::{Kind, Worker};
 use crate::{progress, Bench, PHASE_TIMEOUT};
@@ -83,28 +83,6 @@ pub const TREE: Method = Method { name: "tree", model: "gbt_lightgbm", goal: Som
 pub const SAMPLING: Method = Method { name: "sampling", model: "mlp", goal: None, jobs: [5_000, 40] };
 const METHODS: [Method; 3] = [LINEAR, TREE, SAMPLING];
 const JOB_ROWS: [usize; 2] = [1, 100];
-
-/// The median of some figures and their spread.
-#[derive(Debug, Clone, Copy)]
-pub struct Spread {
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-    pub count: usize,
-}
-
-impl Spread {
-    fn of(mut values: Vec<f64>) -> Option<Spread> {
-        values.sort_unstable_by(f64::total_cmp);
-        let count = values.len();
-        let median = match count {
-            0 => return None,
-            n if n % 2 == 1 => values[n / 2],
-            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-        };
-        Some(Spread { median, min: values[0], max: values[count - 1], count })
-    }
-}
 
 /// Processes whose CPU time is read over each drain.
 pub const PROCESSES: [&str; 3] = ["worker", "RabbitMQ", "driver"];
@@ -884,19 +862,9 @@ impl ExplainReport {
         );
         let mut notes = Vec::new();
         for c in &self.throughput {
-            let spread = |s: Option<Spread>| {
-                s.map_or("—".into(), |s| {
-                    let missing = if s.count < PAIRS { format!(", {} of {PAIRS}", s.count) } else { String::new() };
-                    format!("{} ({}–{}{missing})", thousands(s.median), thousands(s.min), thousands(s.max))
-                })
-            };
+            let spread = |s: Option<Spread>| spread_cell(s, PAIRS);
             let ratio = c.ratio();
-            let target = match (c.method.goal, ratio) {
-                (None, _) => "documented (no target)".to_string(),
-                (Some(goal), Some(r)) if r >= goal => format!("≥ {goal}: met"),
-                (Some(goal), Some(_)) => format!("≥ {goal}: **not met**"),
-                (Some(goal), None) => format!("≥ {goal}: n/a"),
-            };
+            let target = goal_cell(c.method.goal, ratio, "documented (no target)");
             let _ = writeln!(
                 out,
                 "| {} (`{}`) | {} × {} | {} | {} | {} | {} | {target} |",

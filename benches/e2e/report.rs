@@ -11,6 +11,7 @@ use crate::quantised::QuantisedReport;
 use crate::scenarios::{
     self, Drain, DrainReport, Lanes, Latency, Measured, LANES_RATE, LANES_SECONDS, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS,
 };
+use crate::security::SecurityReport;
 use crate::workers::Kind;
 use crate::Bench;
 
@@ -25,6 +26,7 @@ pub struct Report {
     pub lanes: Option<Measured<Lanes>>,
     pub quantised: Option<QuantisedReport>,
     pub explain: Option<ExplainReport>,
+    pub security: Option<SecurityReport>,
 }
 
 impl Report {
@@ -59,6 +61,7 @@ impl Report {
             lanes: None,
             quantised: None,
             explain: None,
+            security: None,
         }
     }
 
@@ -73,6 +76,7 @@ impl Report {
             || self.lanes.as_ref().is_some_and(Measured::is_failed)
             || self.quantised.as_ref().is_some_and(QuantisedReport::has_failures)
             || self.explain.as_ref().is_some_and(ExplainReport::has_failures)
+            || self.security.as_ref().is_some_and(SecurityReport::has_failures)
     }
 
     pub fn render(&self) -> String {
@@ -92,6 +96,9 @@ impl Report {
         }
         if let Some(explain) = &self.explain {
             explain.render(&mut out);
+        }
+        if let Some(security) = &self.security {
+            security.render(&mut out);
         }
         out
     }
@@ -158,6 +165,9 @@ impl Report {
         ));
         if let Some(explain) = &self.explain {
             explain_targets(explain, &mut targets);
+        }
+        if let Some(security) = &self.security {
+            security_targets(security, &mut targets);
         }
         targets
     }
@@ -375,6 +385,65 @@ fn explain_targets(explain: &ExplainReport, targets: &mut Vec<Target>) {
         );
         let p99 = case.explained.done().map(|l| millis(l.worker_p99));
         targets.push(Target::value(&check, p99, " ms", Goal::AtMost(explained::LATENCY_TARGET_MS)));
+    }
+}
+
+/// Each variant's rows/s ÷ the baseline's, per job size, for the variants that have a goal.
+fn security_targets(security: &SecurityReport, targets: &mut Vec<Target>) {
+    for c in &security.comparisons {
+        let baseline = c.runs[0].0;
+        for (v, (variant, _)) in c.runs.iter().enumerate().skip(1) {
+            let plural = if c.rows_per_job == 1 { "" } else { "s" };
+            let check = format!(
+                "Security, {}-row job{plural}: {} ÷ {} (rows/s, medians)",
+                c.rows_per_job, variant.key, baseline.key
+            );
+            let goal = variant.goal.map_or(Goal::Documented, Goal::AtLeast);
+            targets.push(Target::value(&check, c.ratio(v), "", goal));
+        }
+    }
+}
+
+/// The median of some figures and their spread, for measurements repeated in alternating pairs.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub count: usize,
+}
+
+impl Spread {
+    /// `None` when there are no figures.
+    pub fn of(mut values: Vec<f64>) -> Option<Spread> {
+        values.sort_unstable_by(f64::total_cmp);
+        let count = values.len();
+        let median = match count {
+            0 => return None,
+            n if n % 2 == 1 => values[n / 2],
+            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        };
+        Some(Spread { median, min: values[0], max: values[count - 1], count })
+    }
+}
+
+/// A table cell `median (min–max)`, saying how many of `expected` runs it covers when some
+/// failed; `—` when none succeeded.
+pub fn spread_cell(spread: Option<Spread>, expected: usize) -> String {
+    spread.map_or("—".into(), |s| {
+        let missing = if s.count < expected { format!(", {} of {expected}", s.count) } else { String::new() };
+        format!("{} ({}–{}{missing})", thousands(s.median), thousands(s.min), thousands(s.max))
+    })
+}
+
+/// A table cell judging `ratio` against an at-least `goal`: `≥ 0.8: met`, `**not met**` or `n/a`
+/// (no ratio); `without_goal` when there is no goal.
+pub fn goal_cell(goal: Option<f64>, ratio: Option<f64>, without_goal: &str) -> String {
+    match (goal, ratio) {
+        (None, _) => without_goal.to_string(),
+        (Some(goal), Some(r)) if r >= goal => format!("≥ {goal}: met"),
+        (Some(goal), Some(_)) => format!("≥ {goal}: **not met**"),
+        (Some(goal), None) => format!("≥ {goal}: n/a"),
     }
 }
 

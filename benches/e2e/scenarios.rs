@@ -251,16 +251,30 @@ pub async fn drain_model(
 
     let (mut worker, ready_at) = Worker::start(bench, kind, &topology, &name).await?;
     let collected = worker.guard(collector.finish()).await?;
-    let mean_batch = worker.mean_batch_rows().await;
-    let peak_rss = worker.peak_rss_bytes();
-    let notes = stop(worker).await.into_iter().chain(duplicates(&collected)).collect();
+    let drain = drained(&name, worker, ready_at, &collected, scenario.rows_per_job).await;
     replies.close().await;
     bench.broker.delete(&topology).await;
+    Ok(drain)
+}
 
-    let seconds = collected.last.duration_since(started(ready_at, &collected)).as_secs_f64().max(1e-6);
+/// The figures of a drain whose results are all in: the worker's mean batch and peak memory, the
+/// time from its readiness (or the first result, if sooner) to the last result; the worker is
+/// stopped, and a failure to stop cleanly becomes a note.
+pub async fn drained(
+    name: &str,
+    worker: Worker,
+    ready_at: Instant,
+    collected: &Collected,
+    rows_per_job: usize,
+) -> Drain {
+    let mean_batch = worker.mean_batch_rows().await;
+    let peak_rss = worker.peak_rss_bytes();
+    let notes = stop(worker).await.into_iter().chain(duplicates(collected)).collect();
+    let seconds = collected.last.duration_since(started(ready_at, collected)).as_secs_f64().max(1e-6);
+    let jobs = collected.received_at.len();
     let drain = Drain {
-        jobs: scenario.jobs,
-        rows: scenario.jobs * scenario.rows_per_job,
+        jobs,
+        rows: jobs * rows_per_job,
         seconds,
         mean_batch,
         peak_rss,
@@ -268,7 +282,7 @@ pub async fn drain_model(
         notes,
     };
     progress(&format!("{name}: {:.0} jobs/s, {:.0} rows/s", drain.jobs_per_s(), drain.rows_per_s()));
-    Ok(drain)
+    drain
 }
 
 /// When draining began: readiness as polled, or the first result if that came sooner.

@@ -6,8 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use batchscore::settings::Settings;
@@ -27,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub mod certificates;
 pub mod load;
 pub mod private_broker;
+mod process;
+
+pub use process::run_bounded;
 
 pub const TOLERANCE: f64 = 1e-6;
 
@@ -397,6 +399,22 @@ pub fn expected_slice(outputs: &Value, range: std::ops::Range<usize>) -> Value {
 /// A worker process that is killed when dropped, so a failing test leaves none behind.
 pub struct WorkerProcess(pub std::process::Child);
 
+impl WorkerProcess {
+    /// SIGTERM, then waits (60 s at most) for the worker to finish what it holds and exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let signalled = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().expect("kill runs");
+        assert!(signalled.success(), "SIGTERM to worker {}", self.0.id());
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().expect("worker status") {
+                return status;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the worker did not stop within 60 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for WorkerProcess {
     fn drop(&mut self) {
         // Already gone when the test stopped it: both calls then fail harmlessly.
@@ -468,34 +486,4 @@ pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             wanted.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
-}
-
-/// Runs a command to its end with a deadline, reading both its pipes meanwhile (a chatty command
-/// cannot fill one and stall). One still running at the deadline is killed, and the error holds
-/// what it had written to stderr.
-pub fn run_bounded(mut command: Command, patience: Duration) -> Result<Output, String> {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e}", command.get_program()))?;
-    let pid = child.id();
-    let (done, outcome) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    let output = match outcome.recv_timeout(patience) {
-        Ok(output) => return output.map_err(|e| format!("could not be waited for: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            // A grandchild could hold the pipes open: do not wait on them for long.
-            outcome.recv_timeout(Duration::from_secs(5))
-        }
-    };
-    let stderr = match output {
-        Ok(Ok(output)) => String::from_utf8_lossy(&output.stderr).into_owned(),
-        _ => String::new(),
-    };
-    Err(format!("did not finish within {patience:?} and was killed; its stderr:\n{stderr}"))
 }

@@ -11,6 +11,10 @@
 //! PLAIN. The files are copied into the node's directory, which user `rabbitmq` can read. Users
 //! are added on this node only: `add_user`.
 //!
+//! `PrivateBroker::start_deployed(deploy/rabbitmq, ..)` boots a node from a deployment's own files
+//! instead (its `rabbitmq.conf`, `enabled_plugins` and definitions), moved only to this machine's
+//! paths and free ports: no plaintext listener and no guest unless those files have them.
+//!
 //! The node is started through the Debian wrapper (`rabbitmq-server`, which runs it as user
 //! `rabbitmq`), so the test must run as root or as `rabbitmq`, and `rabbitmqctl` reaches it with
 //! the `rabbitmq` user's Erlang cookie. Each node picks its own name and ports, so a cluster is
@@ -98,10 +102,19 @@ pub struct TlsListener {
     pub require_client_certificate: bool,
 }
 
+/// How a node is configured.
+enum Setup<'a> {
+    /// The harness's own configuration: a plaintext listener, guest, and what the options add.
+    Harness(&'a BrokerOptions),
+    /// A deployment's files (`PrivateBroker::start_deployed`).
+    Deployed { deployment: &'a Path, tls: &'a TlsListener },
+}
+
 /// One private RabbitMQ node; `url()` is its AMQP URL (guest/guest, loopback only).
 pub struct PrivateBroker {
     node: String,
-    amqp_port: u16,
+    /// The plaintext listener's port; none on a node booted from a deployment that has none.
+    amqp_port: Option<u16>,
     /// The TLS listener's port, when the node has one.
     tls_port: Option<u16>,
     dir: PathBuf,
@@ -128,8 +141,27 @@ impl PrivateBroker {
     /// Starts a node with `options` and waits until it accepts AMQP connections, on its TLS
     /// listener too when it has one.
     pub async fn start_with(options: BrokerOptions) -> PrivateBroker {
+        Self::boot(Setup::Harness(&options)).await
+    }
+
+    /// Starts a node from the files of `deployment` (a directory like `deploy/rabbitmq`): its
+    /// `rabbitmq.conf` and `enabled_plugins` as written, and the definitions file the
+    /// configuration loads, so that a test proves what is shipped rather than a copy. Only where
+    /// things are on this machine changes: paths under `/etc/rabbitmq/` point into the node's
+    /// directory, where the definitions file (from `deployment`) and `tls`'s files (for the
+    /// `ssl_options` certfile, keyfile and cacertfile) are copied; the TLS listener moves to a free
+    /// loopback port, and so does the Prometheus plugin's listener when it is enabled. Nothing is
+    /// added: with the shipped files the node has no plaintext listener (`url()` panics) and no
+    /// guest, and clients log in as the users of the definitions. `tls.require_client_certificate`
+    /// must agree with the configuration's `ssl_options.fail_if_no_peer_cert`. Returns once the
+    /// node has booted, its definitions imported, and its TLS listener accepts connections.
+    pub async fn start_deployed(deployment: &Path, tls: &TlsListener) -> PrivateBroker {
+        Self::boot(Setup::Deployed { deployment, tls }).await
+    }
+
+    async fn boot(setup: Setup<'_>) -> PrivateBroker {
         for _ in 0..ATTEMPTS {
-            let mut broker = Self::spawn(&options).unwrap_or_else(|error| panic!("{error}"));
+            let mut broker = Self::spawn(&setup).unwrap_or_else(|error| panic!("{error}"));
             match broker.wait_until_booted().await {
                 Ok(()) => return broker,
                 Err(BootFailure::PortClash) => continue,
@@ -139,7 +171,7 @@ impl PrivateBroker {
         panic!("a private RabbitMQ node lost its ports to other processes {ATTEMPTS} times in a row");
     }
 
-    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`. Panics when the node has no plaintext listener.
     pub fn url(&self) -> String {
         self.url_as("guest", "guest")
     }
@@ -147,21 +179,57 @@ impl PrivateBroker {
     /// `amqp://<user>:<password>@127.0.0.1:<port>/%2f`: the plaintext listener, as another user
     /// ([`PrivateBroker::add_user`]).
     pub fn url_as(&self, user: &str, password: &str) -> String {
-        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", self.amqp_port)
+        let port = self.amqp_port.expect("the node has a plaintext listener (not one of start_deployed's)");
+        format!("amqp://{user}:{password}@127.0.0.1:{port}/%2f")
     }
 
     /// `amqps://<userinfo>@<host>:<TLS port>/%2f<query>`: `userinfo` may be empty (certificate
     /// login), `query` is empty or starts with `?`. Panics when the node has no TLS listener.
     pub fn amqps_url(&self, userinfo: &str, host: &str, query: &str) -> String {
+        self.amqps_url_to("%2f", userinfo, host, query)
+    }
+
+    /// [`PrivateBroker::amqps_url`] for vhost `vhost` (percent-encoded: `%2f` for `/`).
+    pub fn amqps_url_to(&self, vhost: &str, userinfo: &str, host: &str, query: &str) -> String {
         let port = self.tls_port.expect("the node was started with a TLS listener (BrokerOptions::tls)");
         let userinfo = if userinfo.is_empty() { String::new() } else { format!("{userinfo}@") };
-        format!("amqps://{userinfo}{host}:{port}/%2f{query}")
+        format!("amqps://{userinfo}{host}:{port}/{vhost}{query}")
     }
 
     /// Adds user `name` with `password` and every permission on vhost `/`, on this node only.
     pub async fn add_user(&self, name: &str, password: &str) {
         self.rabbitmqctl(&["add_user", name, password]).await;
         self.rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]).await;
+    }
+
+    /// The users, login mechanisms and TLS flags of the node's connections.
+    pub async fn connections(&self) -> Vec<(String, String, bool)> {
+        let listed =
+            self.rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "user", "auth_mechanism", "ssl"]).await;
+        listed
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\t');
+                Some((fields.next()?.to_string(), fields.next()?.to_string(), fields.next()? == "true"))
+            })
+            .collect()
+    }
+
+    /// Waits (30 s at most) until the node has a connection of `user` logged in with `mechanism`
+    /// (`PLAIN`, `EXTERNAL`), over TLS when `ssl`.
+    pub async fn wait_for_connection(&self, user: &str, mechanism: &str, ssl: bool) {
+        let started = Instant::now();
+        loop {
+            let connections = self.connections().await;
+            if connections.iter().any(|(u, m, s)| u == user && m == mechanism && *s == ssl) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no connection of {user} with {mechanism}, ssl {ssl}: {connections:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The node's directory: files a test puts here go with the node (when it is dropped, or by
@@ -209,14 +277,23 @@ impl PrivateBroker {
     }
 
     /// Prepares a directory, starts the node and its watchdog; does not wait for the boot.
-    fn spawn(options: &BrokerOptions) -> Result<PrivateBroker, String> {
+    fn spawn(setup: &Setup) -> Result<PrivateBroker, String> {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let node = format!("batchscore-test-{id}@localhost");
-        let ports = free_ports(if options.tls.is_some() { 3 } else { 2 });
-        let (amqp_port, dist_port, tls_port) = (ports[0], ports[1], ports.get(2).copied());
         let dir = std::env::temp_dir().join(format!("batchscore-broker-{id}"));
-        let tls = options.tls.as_ref().zip(tls_port);
-        prepare_directory(&dir, amqp_port, tls)?;
+        let (amqp_port, dist_port, tls_port) = match setup {
+            Setup::Harness(options) => {
+                let ports = free_ports(if options.tls.is_some() { 3 } else { 2 });
+                let (amqp_port, dist_port, tls_port) = (ports[0], ports[1], ports.get(2).copied());
+                prepare_directory(&dir, amqp_port, options.tls.as_ref().zip(tls_port))?;
+                (Some(amqp_port), dist_port, tls_port)
+            }
+            Setup::Deployed { deployment, tls } => {
+                let [dist_port, tls_port, prometheus_port] = free_ports(3)[..] else { unreachable!("three ports") };
+                prepare_deployed_directory(&dir, deployment, tls, tls_port, prometheus_port)?;
+                (None, dist_port, Some(tls_port))
+            }
+        };
 
         let console = fs::File::create(dir.join("console.log")).and_then(|file| Ok((file.try_clone()?, file)));
         let (console, console_err) = console.map_err(|e| {
@@ -230,10 +307,11 @@ impl PrivateBroker {
                 server.env_remove(name);
             }
         }
+        if let Some(port) = amqp_port {
+            server.env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1").env("RABBITMQ_NODE_PORT", port.to_string());
+        }
         server
             .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", amqp_port.to_string())
             .env("RABBITMQ_DIST_PORT", dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
@@ -277,10 +355,12 @@ impl PrivateBroker {
         Ok(PrivateBroker { node, amqp_port, tls_port, dir, server, watchdog, _watchdog_stdin: watchdog_stdin })
     }
 
-    /// Waits until the node's AMQP port answers, the node reports a finished boot, and guest can
-    /// open an AMQP connection.
+    /// Waits until the node's AMQP port (its TLS port when it has no plaintext one) answers, the
+    /// node reports a finished boot, and guest can open an AMQP connection (on a node with a
+    /// plaintext listener).
     async fn wait_until_booted(&mut self) -> Result<(), BootFailure> {
         let started = Instant::now();
+        let port = self.amqp_port.or(self.tls_port).expect("a node has a plaintext or a TLS listener");
         loop {
             if self.server_exited() {
                 if self.lost_a_port() {
@@ -295,14 +375,13 @@ impl PrivateBroker {
                     self.console_tail()
                 )));
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.amqp_port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 break;
             }
             if started.elapsed() > BOOT_PATIENCE {
                 return Err(BootFailure::Fatal(format!(
-                    "the private RabbitMQ node {} did not open port {} within {BOOT_PATIENCE:?}; its console:\n{}",
+                    "the private RabbitMQ node {} did not open port {port} within {BOOT_PATIENCE:?}; its console:\n{}",
                     self.node,
-                    self.amqp_port,
                     self.console_tail()
                 )));
             }
@@ -332,6 +411,9 @@ impl PrivateBroker {
                 self.node
             )))
             }
+        }
+        if self.amqp_port.is_none() {
+            return Ok(());
         }
         let connection = Connection::connect(&self.url(), ConnectionProperties::default()).await.map_err(|e| {
             BootFailure::Fatal(format!("the private RabbitMQ node {} refuses guest on {}: {e}", self.node, self.url()))
@@ -463,11 +545,6 @@ fn tls_config(listener: &TlsListener, port: u16, tls_dir: &Path) -> String {
 /// Creates the node's directory with its config files (and the TLS listener's files, copied in),
 /// owned by the user the node runs as.
 fn prepare_directory(dir: &Path, amqp_port: u16, tls: Option<(&TlsListener, u16)>) -> Result<(), String> {
-    let write = |name: &str, text: &str| -> Result<(), String> {
-        fs::File::create(dir.join(name))
-            .and_then(|mut file| file.write_all(text.as_bytes()))
-            .map_err(|e| format!("writing {}: {e}", dir.join(name).display()))
-    };
     for sub in ["mnesia", "log"] {
         fs::create_dir_all(dir.join(sub)).map_err(|e| format!("creating {}: {e}", dir.join(sub).display()))?;
     }
@@ -489,11 +566,25 @@ fn prepare_directory(dir: &Path, amqp_port: u16, tls: Option<(&TlsListener, u16)
         config.push_str(&tls_config(listener, port, &tls_dir));
         plugins = "[rabbitmq_auth_mechanism_ssl].\n";
     }
-    write("rabbitmq.conf", &config)?;
+    write_node_files(dir, &config, plugins)?;
+    hand_to_rabbitmq(dir)
+}
+
+/// Writes the node's `rabbitmq.conf`, `enabled_plugins` and an empty environment file.
+fn write_node_files(dir: &Path, config: &str, plugins: &str) -> Result<(), String> {
+    let write = |name: &str, text: &str| -> Result<(), String> {
+        fs::File::create(dir.join(name))
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .map_err(|e| format!("writing {}: {e}", dir.join(name).display()))
+    };
+    write("rabbitmq.conf", config)?;
     write("enabled_plugins", plugins)?;
-    write("rabbitmq-env.conf", "# Everything is set through the environment of rabbitmq-server.\n")?;
-    // rabbitmq-server runs the node as user rabbitmq, which must write here. The directory is
-    // new, so nothing but this node's files changes owner.
+    write("rabbitmq-env.conf", "# Everything is set through the environment of rabbitmq-server.\n")
+}
+
+/// rabbitmq-server runs the node as user rabbitmq, which must write here. The directory is new,
+/// so nothing but this node's files changes owner. The directory is removed when this fails.
+fn hand_to_rabbitmq(dir: &Path) -> Result<(), String> {
     let chown = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir).output();
     match chown {
         Ok(output) if output.status.success() => Ok(()),
@@ -510,4 +601,96 @@ fn prepare_directory(dir: &Path, amqp_port: u16, tls: Option<(&TlsListener, u16)
             Err(format!("cannot run chown: {e}"))
         }
     }
+}
+
+/// Creates the node's directory from the files of `deployment` (see
+/// [`PrivateBroker::start_deployed`]): its configuration with paths under `/etc/rabbitmq/` moved
+/// into `dir` and its listeners onto loopback `tls_port` and `prometheus_port`, its plugins, the
+/// definitions file, and `tls`'s files where `ssl_options` names them.
+fn prepare_deployed_directory(
+    dir: &Path,
+    deployment: &Path,
+    tls: &TlsListener,
+    tls_port: u16,
+    prometheus_port: u16,
+) -> Result<(), String> {
+    let read = |name: &str| {
+        let path = deployment.join(name);
+        fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let (conf, plugins) = (read("rabbitmq.conf")?, read("enabled_plugins")?);
+    let here = format!("{}/", dir.display());
+    // (the file to copy, where the configuration now names it)
+    let mut copies: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut config = String::new();
+    let mut ssl_listeners = 0;
+    for line in conf.lines() {
+        let Some((key, value)) = line.split_once('=').filter(|_| !line.trim_start().starts_with('#')) else {
+            config.push_str(line);
+            config.push('\n');
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let unsupported = |why: &str| Err(format!("{}: `{line}`: {why}", deployment.join("rabbitmq.conf").display()));
+        if key.starts_with("listeners.tcp.") {
+            return unsupported("a plaintext listener would take a shared port; the harness cannot move it");
+        }
+        if key.starts_with("prometheus.") || key.starts_with("management.") {
+            return unsupported("the harness sets the plugin listeners itself");
+        }
+        if key.starts_with("listeners.ssl.") {
+            ssl_listeners += 1;
+            config.push_str(&format!("{key} = 127.0.0.1:{tls_port}\n"));
+            continue;
+        }
+        if key == "ssl_options.fail_if_no_peer_cert" && value != tls.require_client_certificate.to_string() {
+            return unsupported(&format!(
+                "the test expects fail_if_no_peer_cert = {} (TlsListener::require_client_certificate)",
+                tls.require_client_certificate
+            ));
+        }
+        if let Some(rest) = value.strip_prefix("/etc/rabbitmq/") {
+            let moved = dir.join(rest);
+            let from = match key {
+                "ssl_options.certfile" => tls.cert_file.clone(),
+                "ssl_options.keyfile" => tls.key_file.clone(),
+                "ssl_options.cacertfile" => tls.client_ca_file.clone(),
+                "load_definitions" => deployment.join(Path::new(rest).file_name().unwrap_or_default()),
+                _ => return unsupported("the harness does not know which file to put there"),
+            };
+            copies.push((from, moved));
+            config.push_str(&format!("{key} = {}\n", value.replace("/etc/rabbitmq/", &here)));
+            continue;
+        }
+        config.push_str(line);
+        config.push('\n');
+    }
+    if ssl_listeners != 1 {
+        return Err(format!("{}: {ssl_listeners} TLS listeners; the harness moves exactly one", deployment.display()));
+    }
+    let enabled: Vec<&str> =
+        plugins.trim().trim_end_matches('.').trim_matches(['[', ']']).split(',').map(str::trim).collect();
+    if enabled.contains(&"rabbitmq_management") {
+        return Err(format!("{}: the harness gives rabbitmq_management no port", deployment.display()));
+    }
+    if enabled.contains(&"rabbitmq_prometheus") {
+        config.push_str(&format!("prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {prometheus_port}\n"));
+    }
+    for sub in ["mnesia", "log"] {
+        fs::create_dir_all(dir.join(sub)).map_err(|e| format!("creating {}: {e}", dir.join(sub).display()))?;
+    }
+    let written = copies
+        .iter()
+        .try_for_each(|(from, to)| {
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            }
+            fs::copy(from, to).map(drop).map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
+        })
+        .and_then(|()| write_node_files(dir, &config, &plugins));
+    if let Err(error) = written {
+        let _ = fs::remove_dir_all(dir);
+        return Err(error);
+    }
+    hand_to_rabbitmq(dir)
 }
