@@ -44,8 +44,10 @@ if ! python_ready; then
   "$PYTHON" -m pip install --quiet -r "$REQUIREMENTS"
 fi
 
-log "building the release worker"
-cargo build --release --locked
+# The benchmark runs the worker binary cargo builds for it (CARGO_BIN_EXE_batchscore), with the
+# dependency features of every target; a plain `cargo build --release` would build another one.
+log "building the benchmark and its release worker"
+cargo bench --locked --bench e2e --no-run
 
 export BENCH_PYTHON="$PYTHON"
 export BENCH_COMMAND="scripts/bench.sh"

@@ -35,7 +35,7 @@ enum Command {
     /// Consume jobs, score them in batches, publish results.
     Worker,
     /// Send a CSV or JSONL file as jobs, wait for every result, write them in input order.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List the model repository: versions, signatures, sha256, which version serves.
     Models,
     /// Show a model file's inputs and outputs.

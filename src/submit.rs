@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 
-use crate::amqp::client::{JobClient, Reply};
+use crate::amqp::client::{Addressing, JobClient, Published, Reply};
 use crate::amqp::redact;
 use crate::payload::{self, KeyError, Keyring, Opened, PayloadKey, Refusal};
 use crate::settings::Settings;
@@ -48,6 +48,19 @@ pub struct SubmitArgs {
     /// The id of --key-file's key among the worker's security.payload_keys (sent as x-key-id).
     #[arg(long, requires = "key_file", value_name = "ID")]
     pub key_id: Option<String>,
+    /// Publish the jobs to this exchange, routed by the jobs queue's name (amqp.jobs_queue), as
+    /// publishers do that may write only to an exchange (deploy/rabbitmq: scoring.submit).
+    #[arg(long, value_name = "NAME")]
+    pub exchange: Option<String>,
+    /// Read results from this existing queue (e.g. core-banking.results) instead of declaring a
+    /// private one, which needs the right to configure queues. Results of other runs found there
+    /// are left in it.
+    #[arg(long, value_name = "QUEUE")]
+    pub reply_queue: Option<String>,
+    /// Send the jobs with this user_id: the broker checks it is the user logged in, and the
+    /// worker's publisher rules (security.require_user_id, allowed_publishers) read it.
+    #[arg(long, value_name = "USER")]
+    pub user_id: Option<String>,
 }
 
 /// What `submit` did, printed at the end.
@@ -110,7 +123,13 @@ async fn exchange(
 ) -> anyhow::Result<Vec<Value>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
     let url = redact(&settings.amqp.url);
-    let mut client = tokio::time::timeout_at(deadline, JobClient::connect(&settings.amqp)).await.map_err(|_| {
+    let addressing = Addressing {
+        exchange: args.exchange.clone(),
+        reply_queue: args.reply_queue.clone(),
+        user_id: args.user_id.clone(),
+    };
+    let connecting = JobClient::connect(&settings.amqp, &addressing);
+    let mut client = tokio::time::timeout_at(deadline, connecting).await.map_err(|_| {
         anyhow!("the broker at {url} did not open a connection within {} s (--timeout-s)", args.timeout_s)
     })??;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
@@ -125,8 +144,17 @@ async fn exchange(
     });
     let mut results = HashMap::with_capacity(chunks.len());
     let exchanged = async {
-        if !client.publish_all(jobs, key).await? {
-            bail!("the broker refused a job; nothing was scored reliably, submit again");
+        match client.publish_all(jobs, key).await? {
+            Published::Stored => {}
+            Published::Refused => bail!("the broker refused a job; nothing was scored reliably, submit again"),
+            Published::Unroutable => {
+                let (exchange, routing_key) = client.route();
+                let exchange = if exchange.is_empty() { "the default exchange" } else { exchange };
+                bail!(
+                    "jobs sent to {exchange} with routing key {routing_key:?} reached no queue; bind the jobs queue \
+                     to the exchange, or check --exchange and amqp.jobs_queue"
+                )
+            }
         }
         collect(&mut client, key, &run_id, chunks.len(), &mut results).await
     };
@@ -170,6 +198,11 @@ async fn collect(
     let keyring = Keyring::of(key.cloned(), false);
     while results.len() < jobs {
         let reply = client.next_result().await?.ok_or_else(|| anyhow!("the reply queue closed"))?;
+        // A named reply queue may hold other runs' results, sealed with keys this run lacks.
+        let other_run = reply.correlation_id.as_deref().is_some_and(|id| !id.starts_with(run_id));
+        if other_run {
+            continue;
+        }
         let body = open_result(&keyring, key, &reply)?;
         let body: Value = serde_json::from_slice(&body).context("a result is not JSON")?;
         if key.is_some() && reply.sealing().is_none() && body["status"] == "ok" {
@@ -183,6 +216,7 @@ async fn collect(
         if let Some(index) = index {
             // A redelivered job may be answered twice; its results are identical.
             results.entry(index).or_insert(body);
+            client.accept(&reply).await?;
         }
     }
     Ok(())

@@ -5,7 +5,8 @@
 //! every test of this file. The tests prove what the files promise: TLS only, certificate login
 //! only, exactly the shipped users; each user may do what its permissions allow and nothing
 //! else; the queues are declared as the worker would declare them; and the worker, logged in as
-//! `worker`, scores jobs from both publishers end to end with those permissions alone.
+//! `worker` and enforcing the publisher rules, scores jobs from both publishers end to end with
+//! those permissions alone, including `batchscore submit` run as a publisher.
 
 mod common;
 
@@ -113,6 +114,15 @@ fn boot() -> Node {
         std::fs::rename(&made, &pki).expect("certificates moved next to the node");
         Node { broker, pki }
     })
+}
+
+/// Points a `batchscore` command at the node with `amqp`'s URL and certificate login.
+fn log_in<'a>(command: &'a mut std::process::Command, amqp: &AmqpSettings) -> &'a mut std::process::Command {
+    command
+        .env("BATCHSCORE__AMQP__URL", &amqp.url)
+        .env("BATCHSCORE__AMQP__TLS__CA_FILE", amqp.tls.ca_file.as_ref().expect("a CA"))
+        .env("BATCHSCORE__AMQP__TLS__CERT_FILE", amqp.tls.cert_file.as_ref().expect("a certificate"))
+        .env("BATCHSCORE__AMQP__TLS__KEY_FILE", amqp.tls.key_file.as_ref().expect("a key"))
 }
 
 /// The queue and exchange names of the shipped settings.yaml, with the definitions' bulk lane.
@@ -285,6 +295,7 @@ impl Op {
                 let amqp = AmqpSettings { declare_queues: declare, ..shipped_amqp() };
                 match declare_topology(channel, &amqp).await {
                     Ok(()) => Outcome::Allowed,
+                    Err(batchscore::amqp::AmqpError::AccessRefused { .. }) => Outcome::Refused,
                     Err(batchscore::amqp::AmqpError::Queue { source, .. }) => outcome::<()>(Err(source)),
                     Err(other) => Outcome::Failed(other.to_string()),
                 }
@@ -509,8 +520,9 @@ async fn the_definitions_declare_the_jobs_queue_with_the_workers_arguments() {
     let _ = connection.close(200, "checked".into()).await;
 }
 
-/// A job as a publisher sends it: to the submit exchange, replying to its own results queue.
-async fn submit(connection: &Connection, lane_queue: &str, reply_to: &str, job: &Value) {
+/// A job as a publisher sends it: to the submit exchange, replying to its own results queue,
+/// under the user it logged in as.
+async fn submit(connection: &Connection, user: &str, lane_queue: &str, reply_to: &str, job: &Value) {
     let channel = connection.create_channel().await.expect("channel");
     channel.confirm_select(Default::default()).await.expect("confirms");
     let job_id = job["job_id"].as_str().expect("a job id");
@@ -519,7 +531,8 @@ async fn submit(connection: &Connection, lane_queue: &str, reply_to: &str, job: 
         .with_delivery_mode(2)
         .with_message_id(job_id.into())
         .with_correlation_id(job_id.into())
-        .with_reply_to(reply_to.into());
+        .with_reply_to(reply_to.into())
+        .with_user_id(user.into());
     let body = serde_json::to_vec(job).expect("job serialises");
     // Mandatory: a job the exchange cannot route comes back rather than vanishing.
     let options = BasicPublishOptions { mandatory: true, ..Default::default() };
@@ -557,9 +570,11 @@ async fn results_of(connection: &Connection, queue: &str, job_ids: &[&str]) -> H
 }
 
 /// The worker as shipped, logged in as `worker` with the definitions' permissions alone and
-/// `amqp.declare_queues: false`, scores an online job of core-banking and a bulk job of
-/// risk-nightly, each answered in the publisher's own results queue, and dead-letters a job for
-/// a model it does not serve, which operations finds in the dead-letter queue.
+/// `amqp.declare_queues: false`, demanding a user_id and replies to `{user}.results`, scores an
+/// online job of core-banking and a bulk job of risk-nightly, each answered in the publisher's own
+/// results queue, and dead-letters a job for a model it does not serve, which operations finds in
+/// the dead-letter queue. `batchscore submit`, logged in as core-banking, sends a file through the
+/// submit exchange and reads its results from core-banking's queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let node = node();
@@ -572,13 +587,11 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let metrics: SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().expect("an address");
     let log = node.broker.dir().join(format!("worker-{}.log", uuid::Uuid::new_v4().simple()));
     let mut command = common::worker_command(&settings, &metrics.to_string());
-    command
-        .env("BATCHSCORE__AMQP__URL", &amqp.url)
-        .env("BATCHSCORE__AMQP__TLS__CA_FILE", amqp.tls.ca_file.as_ref().expect("a CA"))
-        .env("BATCHSCORE__AMQP__TLS__CERT_FILE", amqp.tls.cert_file.as_ref().expect("a certificate"))
-        .env("BATCHSCORE__AMQP__TLS__KEY_FILE", amqp.tls.key_file.as_ref().expect("a key"))
+    log_in(&mut command, &amqp)
         .env("BATCHSCORE__AMQP__BULK_QUEUE", BULK_QUEUE)
-        .env("BATCHSCORE__AMQP__DECLARE_QUEUES", "false");
+        .env("BATCHSCORE__AMQP__DECLARE_QUEUES", "false")
+        .env("BATCHSCORE__SECURITY__REQUIRE_USER_ID", "true")
+        .env("BATCHSCORE__SECURITY__REPLY_TO__DEFAULT", "{user}.results");
     let log_file = std::fs::File::create(&log).expect("log file");
     let mut worker = WorkerProcess(
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).spawn().expect("the worker starts"),
@@ -599,6 +612,7 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let rows = |n: usize| Value::Array(fixture["rows"].as_array().expect("rows")[..n].to_vec());
     submit(
         &core,
+        CORE_BANKING,
         &amqp.jobs_queue,
         &core_results,
         &json!({"job_id": online, "model": "linear", "model_version": "1", "rows": rows(1)}),
@@ -606,6 +620,7 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     .await;
     submit(
         &risk,
+        RISK_NIGHTLY,
         BULK_QUEUE,
         &risk_results,
         &json!({"job_id": bulk, "model": "linear", "model_version": "1", "rows": rows(3)}),
@@ -613,6 +628,7 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     .await;
     submit(
         &core,
+        CORE_BANKING,
         &amqp.jobs_queue,
         &core_results,
         &json!({"job_id": unknown, "model": "no-such-model", "rows": rows(1)}),
@@ -661,10 +677,51 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let code = headers.inner().get("x-error-code").cloned();
     assert_eq!(code, Some(AMQPValue::LongString("unknown_model".into())), "{headers:?}");
 
+    submit_file_as_core_banking(node, &fixture).await;
+
     let status = worker.terminate().await;
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{status}; its log:\n{logged}");
     assert!(!logged.contains("ACCESS_REFUSED"), "the worker was refused something:\n{logged}");
+}
+
+/// `batchscore submit` with core-banking's certificate and rights alone: it cannot declare a reply
+/// queue nor write to the default exchange, so it publishes to the submit exchange, reads
+/// core-banking's results queue, and names its user_id, which the worker demands.
+async fn submit_file_as_core_banking(node: &Node, fixture: &Value) {
+    let dir = node.broker.dir().join(format!("submit-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("a folder for submit's files");
+    let (input, output) = (dir.join("rows.jsonl"), dir.join("scores.jsonl"));
+    let rows = &fixture["rows"].as_array().expect("rows")[..20];
+    let lines: Vec<String> = rows.iter().map(Value::to_string).collect();
+    std::fs::write(&input, lines.join("\n")).expect("input written");
+    let amqp = node.login(CORE_BANKING);
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_batchscore"));
+    command
+        .current_dir(common::root())
+        .args(["submit", "--model", "linear", "--model-version", "1", "--chunk-rows", "8", "--timeout-s", "60"])
+        .args(["--exchange", SUBMIT, "--reply-queue", &results_queue(CORE_BANKING), "--user-id", CORE_BANKING])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output);
+    log_in(&mut command, &amqp);
+    let done = tokio::task::spawn_blocking(move || run_bounded(command, START_UP_PATIENCE))
+        .await
+        .expect("submit ran")
+        .unwrap_or_else(|error| panic!("batchscore submit: {error}"));
+    let said = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "submit as core-banking failed: {said}");
+    assert!(String::from_utf8_lossy(&done.stdout).contains("scored 20 rows in 3 jobs"), "{said}");
+    let scored: Vec<Value> = std::fs::read_to_string(&output)
+        .expect("output written")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(scored.len(), rows.len());
+    for (i, row) in scored.iter().enumerate() {
+        common::assert_close(&row["probabilities"], &fixture["outputs"]["probabilities"][i], &format!("row {i}"));
+    }
 }
 
 /// ssl_options.fail_if_no_peer_cert: a worker without a client certificate never gets a TLS
@@ -678,11 +735,38 @@ fn a_worker_without_a_client_certificate_exits_2_naming_the_settings() {
         .env("BATCHSCORE__AMQP__URL", node.broker.amqps_url_to(VHOST, "worker:guessed", "localhost", ""))
         .env("BATCHSCORE__AMQP__TLS__CA_FILE", node.ca_file())
         .env("BATCHSCORE__AMQP__RECONNECT_MAX_BACKOFF_MS", "200");
-    let output = run_bounded(command, START_UP_PATIENCE).unwrap_or_else(|error| panic!("batchscore worker: {error}"));
-    let text = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{text}");
+    let text = exit_2_at_start_up(command);
     for needle in ["the broker requires a client certificate", "amqp.tls.cert_file", "amqp.tls.key_file"] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
-    assert!(!text.contains("panicked") && !text.contains("guessed"), "{text}");
+    assert!(!text.contains("guessed"), "{text}");
+}
+
+/// What a worker expected to refuse start-up said, once it stopped on its own with exit 2 and
+/// without panicking.
+fn exit_2_at_start_up(command: std::process::Command) -> String {
+    let output = run_bounded(command, START_UP_PATIENCE).unwrap_or_else(|error| panic!("batchscore worker: {error}"));
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    text
+}
+
+/// The worker's user may not configure queues: a worker left at `amqp.declare_queues: true` is
+/// refused its first declaration and stops with exit 2 naming the setting, instead of retrying
+/// and never becoming ready.
+#[test]
+fn a_worker_that_would_declare_its_queues_exits_2_naming_declare_queues() {
+    let node = node();
+    let amqp = node.login(WORKER);
+    let settings = common::settings("declaring-worker", &fixtures_repository());
+    let mut command = common::worker_command(&settings, "127.0.0.1:0");
+    log_in(&mut command, &amqp)
+        .env("BATCHSCORE__AMQP__DECLARE_QUEUES", "true")
+        .env("BATCHSCORE__AMQP__RECONNECT_MAX_BACKOFF_MS", "200");
+    let text = exit_2_at_start_up(command);
+    for needle in ["ACCESS_REFUSED", "amqp.declare_queues: false", "BATCHSCORE__AMQP__DECLARE_QUEUES=false"] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    assert!(!text.contains("retrying"), "{text}");
 }

@@ -320,6 +320,27 @@ async fn submit_writes_results_in_input_order() {
     assert_eq!(worker.stop().await, 0);
 }
 
+/// Jobs published to an exchange that routes them nowhere come back (they are published
+/// mandatory): submit stops at once, naming the exchange and the routing key, instead of waiting
+/// out its timeout for results that cannot come.
+#[test]
+fn submit_says_when_its_jobs_reach_no_queue() {
+    let dir = std::env::temp_dir().join(format!("batchscore-unroutable-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (input, output) = (dir.join("rows.jsonl"), dir.join("scores.jsonl"));
+    std::fs::write(&input, "[1.0, 2.0]\n").expect("input written");
+    let queue = format!("test.cli.unbound.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let (input, output) = (input.to_str().expect("UTF-8 path"), output.to_str().expect("UTF-8 path"));
+    let args = ["submit", "--model", "linear", "--exchange", "amq.direct", "--input", input, "--output", output];
+    let result = batchscore(&args, &[("BATCHSCORE__AMQP__JOBS_QUEUE", queue.as_str())]);
+    let text = stderr(&result);
+    assert_eq!(result.status.code(), Some(1), "{text}");
+    for needle in ["amq.direct", queue.as_str(), "reached no queue"] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A job with a distinctive bad value and a job with a distinctive good one, through a worker
 /// logging at debug level: the error result quotes the bad value to its sender, the log says what
 /// was wrong and where, and neither value appears in the log.

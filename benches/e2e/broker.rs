@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use batchscore::payload::PayloadKey;
 use batchscore::settings::AmqpSettings;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -200,11 +201,14 @@ impl Publisher {
     }
 
     async fn publish(&self, queue: &str, reply_to: &str, job: &Job) -> Result<PublisherConfirm> {
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_reply_to(reply_to.into())
             .with_correlation_id(job.id.as_str().into());
+        if let Some(headers) = &job.headers {
+            properties = properties.with_headers(headers.clone());
+        }
         self.channel
             .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &job.body, properties)
             .await
@@ -231,6 +235,8 @@ pub struct Expectation {
     pub rows_per_job: usize,
     /// Scores to compare a few results with; `None` for the no-op engine.
     pub reference: Option<Arc<Reference>>,
+    /// The key results come sealed with, for jobs sent sealed; `None` for plaintext results.
+    pub key: Option<PayloadKey>,
     pub deadline: Instant,
 }
 
@@ -335,6 +341,20 @@ async fn collect(mut consumer: lapin::Consumer, expect: Expectation) -> Result<C
     Ok(Collected { received_at, worker_ms, last, duplicates, spot_checked: checks.spot_checked })
 }
 
+/// The plaintext of a result sealed with `key`: it must say so in its headers, and open.
+fn open(key: &PayloadKey, delivery: &lapin::message::Delivery) -> Result<Vec<u8>> {
+    let sealing = batchscore::amqp::sealing(&delivery.properties).context("came in plaintext, not sealed")?;
+    ensure!(
+        sealing.scheme == Some(batchscore::payload::SCHEME) && sealing.key_id == Some(key.id()),
+        "is marked {:?} with key {:?}, not {} with {}",
+        sealing.scheme,
+        sealing.key_id,
+        batchscore::payload::SCHEME,
+        key.id()
+    );
+    key.open(&delivery.data).context("does not open with the key its job was sealed with")
+}
+
 /// Problems found in results: counted, the first few kept for the message.
 #[derive(Default)]
 struct Checks {
@@ -347,8 +367,16 @@ impl Checks {
     /// Checks one result and returns its job index and the worker's `timing_ms.total`; a result
     /// for no job of this measurement is an error at once.
     fn check(&mut self, expect: &Expectation, delivery: &lapin::message::Delivery) -> Result<(usize, Option<f64>)> {
-        let excerpt = || String::from_utf8_lossy(&delivery.data[..delivery.data.len().min(300)]).into_owned();
-        let body: ResultBody = serde_json::from_slice(&delivery.data)
+        let opened;
+        let data = match &expect.key {
+            None => &delivery.data,
+            Some(key) => {
+                opened = open(key, delivery).with_context(|| format!("{}: a result", expect.label))?;
+                &opened
+            }
+        };
+        let excerpt = || String::from_utf8_lossy(&data[..data.len().min(300)]).into_owned();
+        let body: ResultBody = serde_json::from_slice(data)
             .with_context(|| format!("{}: a result is not the expected JSON: {}", expect.label, excerpt()))?;
         let id = body.job_id.as_deref().unwrap_or_default();
         let index = jobs::job_index(id)

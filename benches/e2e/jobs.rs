@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
+use batchscore::payload::PayloadKey;
+use lapin::types::FieldTable;
 
 /// The demo model, float32.
 pub const MODEL: &str = "credit_default";
@@ -45,10 +47,18 @@ impl Samples {
     }
 }
 
-/// A job ready to publish: its id and its serialised body.
+/// A job ready to publish: its id, its serialised body and the headers it goes with.
 pub struct Job {
     pub id: String,
     pub body: Vec<u8>,
+    /// The encryption headers of a sealed body; `None` for a plaintext job.
+    pub headers: Option<FieldTable>,
+}
+
+/// `jobs` sealed with `key`, as a publisher with `submit --key-file` sends them.
+pub fn seal(jobs: Vec<Job>, key: &PayloadKey) -> Vec<Job> {
+    let headers = batchscore::amqp::sealing_headers(key);
+    jobs.into_iter().map(|job| Job { body: key.seal(&job.body), headers: Some(headers.clone()), ..job }).collect()
 }
 
 /// `count` jobs of `rows_per_job` rows for `model`, ids `<prefix>-<i>`; row `r` of job `i` is
@@ -80,7 +90,7 @@ pub fn build_from(
             body.push(']');
             body.push_str(members);
             body.push('}');
-            Job { id, body: body.into_bytes() }
+            Job { id, body: body.into_bytes(), headers: None }
         })
         .collect()
 }

@@ -240,6 +240,7 @@ pub async fn drain_model(
         jobs: scenario.jobs,
         rows_per_job: scenario.rows_per_job,
         reference,
+        key: None,
         deadline: Instant::now() + PHASE_TIMEOUT,
     })?;
     let jobs = jobs::build(&bench.samples, model, "job", scenario.jobs, scenario.rows_per_job);
@@ -349,6 +350,7 @@ async fn open_loop(
         jobs: count,
         rows_per_job: 1,
         reference,
+        key: None,
         deadline: Instant::now() + PHASE_TIMEOUT,
     })?;
     let publisher = bench.broker.publisher().await?;
@@ -422,6 +424,7 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
         jobs: bulk_jobs,
         rows_per_job: BULK_ROWS_PER_JOB,
         reference: reference.clone(),
+        key: None,
         deadline: Instant::now() + PHASE_TIMEOUT,
     })?;
     prefill_bulk(bench, &topology, &bulk_replies.name, bulk_jobs).await?;

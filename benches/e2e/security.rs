@@ -11,17 +11,19 @@
 //! worker's connection differs. The report gives each variant's median with its min–max spread,
 //! and its ratio to the first variant, the baseline.
 //!
-//! A variant is one [`Variant`]: a key, a label, its goal against the baseline, and the worker
-//! settings it takes on the node. Payload encryption is one more entry of [`VARIANTS`] whose
-//! settings add `security.payload_keys`; its driver side also seals each job (body and the
-//! `x-encryption`, `x-key-id` headers, which `broker::Publisher` would then publish) and opens
-//! each result before `broker`'s checks read it.
+//! A variant is one [`Variant`]: a key, a label, its goal against the baseline, the worker
+//! settings it takes on the node, and whether its jobs travel sealed. Payload encryption is the
+//! plaintext connection with `security.payload_keys` set: the driver seals each job (AES-256-GCM,
+//! with the `x-encryption` and `x-key-id` headers, as `submit --key-file` does) before the
+//! pre-fill, and opens each result before checking it, so the worker opens every job and seals
+//! every result.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
+use batchscore::payload::PayloadKey;
 
 use crate::broker::{Broker, Expectation, Topology};
 use crate::certificates::Authority;
@@ -47,14 +49,37 @@ pub struct Variant {
     pub goal: Option<f64>,
     /// The worker's `BATCHSCORE__…` settings for this variant, besides its queues.
     worker_env: fn(&Node) -> Vec<(&'static str, String)>,
+    /// Jobs and results travel sealed with the node's payload key.
+    sealed: bool,
 }
 
-pub const PLAINTEXT: Variant =
-    Variant { key: "amqp", label: "amqp:// (plaintext, loopback)", goal: None, worker_env: Node::plaintext_env };
-pub const TLS: Variant =
-    Variant { key: "amqps", label: "amqps:// (TLS, certificate login)", goal: Some(0.8), worker_env: Node::tls_env };
+pub const PLAINTEXT: Variant = Variant {
+    key: "amqp",
+    label: "amqp:// (plaintext, loopback)",
+    goal: None,
+    worker_env: Node::plaintext_env,
+    sealed: false,
+};
+pub const TLS: Variant = Variant {
+    key: "amqps",
+    label: "amqps:// (TLS, certificate login)",
+    goal: Some(0.8),
+    worker_env: Node::tls_env,
+    sealed: false,
+};
+pub const SEALED: Variant = Variant {
+    key: "sealed",
+    label: "amqp://, payloads sealed (AES-256-GCM)",
+    goal: Some(0.8),
+    worker_env: Node::sealed_env,
+    sealed: true,
+};
 /// In the order they alternate; the first is the baseline.
-pub const VARIANTS: [Variant; 2] = [PLAINTEXT, TLS];
+pub const VARIANTS: [Variant; 3] = [PLAINTEXT, TLS, SEALED];
+/// The id of the payload key, in `security.payload_keys` and the jobs' `x-key-id` header.
+const PAYLOAD_KEY_ID: &str = "bench";
+/// The payload key's file in the node's certificate folder.
+const PAYLOAD_KEY_FILE: &str = "payload.key";
 
 /// One drain and the CPU time the worker and the node used meanwhile.
 pub struct Run {
@@ -120,8 +145,10 @@ impl SecurityReport {
 /// The private node, the certificates, and the driver's connections to the node.
 pub struct Node {
     broker: PrivateBroker,
-    /// The CA and the worker's certificate and key.
+    /// The CA, the worker's certificate and key, and the payload key's file.
     pki: PathBuf,
+    /// The key sealed jobs and their results travel with.
+    payload_key: PayloadKey,
     driver: Broker,
 }
 
@@ -161,8 +188,9 @@ impl Node {
         let pki = broker.dir().join("pki");
         std::fs::rename(&made, &pki).context("moving the certificates next to the node")?;
         broker.add_user(CERTIFICATE_USER, &uuid::Uuid::new_v4().simple().to_string()).await;
+        let payload_key = make_payload_key(&pki)?;
         let driver = Broker::connect(&broker.url()).await?;
-        Ok(Node { broker, pki, driver })
+        Ok(Node { broker, pki, payload_key, driver })
     }
 
     fn plaintext_env(&self) -> Vec<(&'static str, String)> {
@@ -177,6 +205,13 @@ impl Node {
             ("BATCHSCORE__AMQP__TLS__CERT_FILE", file("worker.pem")),
             ("BATCHSCORE__AMQP__TLS__KEY_FILE", file("worker.key")),
         ]
+    }
+
+    fn sealed_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.plaintext_env();
+        let file = self.pki.join(PAYLOAD_KEY_FILE).display().to_string();
+        env.push(("BATCHSCORE__SECURITY__PAYLOAD_KEYS__BENCH", file));
+        env
     }
 
     /// The node's Erlang VM.
@@ -201,6 +236,15 @@ impl Node {
         // Stopping the node waits for it: blocking work.
         let _ = tokio::task::spawn_blocking(move || drop(self.broker)).await;
     }
+}
+
+/// Writes a fresh random 256-bit key (64 hex digits; two v4 UUIDs, 244 random bits, are random
+/// enough for a benchmark's key) into `folder` and reads it back as the worker will.
+fn make_payload_key(folder: &Path) -> Result<PayloadKey> {
+    let hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let path = folder.join(PAYLOAD_KEY_FILE);
+    std::fs::write(&path, hex).with_context(|| format!("writing {}", path.display()))?;
+    Ok(PayloadKey::load("the benchmark's payload key", PAYLOAD_KEY_ID, &path)?)
 }
 
 /// Runs the phase: for each job size, [`ROUNDS`] rounds of one drain per variant.
@@ -264,9 +308,13 @@ async fn drain(
         jobs,
         rows_per_job,
         reference: Some(bench.reference.clone()),
+        key: variant.sealed.then(|| node.payload_key.clone()),
         deadline: Instant::now() + PHASE_TIMEOUT,
     })?;
-    let batch = jobs::build(&bench.samples, jobs::MODEL, "job", jobs, rows_per_job);
+    let mut batch = jobs::build(&bench.samples, jobs::MODEL, "job", jobs, rows_per_job);
+    if variant.sealed {
+        batch = jobs::seal(batch, &node.payload_key);
+    }
     let publisher = node.driver.publisher().await?;
     let prefill = publisher.prefill(topology.jobs_queue(), &replies.name, &batch).await?;
     publisher.close().await;
@@ -291,7 +339,7 @@ async fn drain(
 
 impl SecurityReport {
     pub fn render(&self, out: &mut String) {
-        out.push_str("\n## Security: TLS to the broker\n\n");
+        out.push_str("\n## Security: TLS to the broker and payload encryption\n\n");
         if !matches!(self.node, Measured::Done(())) {
             let _ = writeln!(out, "{}", not_done(&self.node));
             return;
@@ -305,7 +353,9 @@ impl SecurityReport {
              EXTERNAL){session}. For each job size, the same number of jobs is drained by a fresh worker once per \
              variant in each of {ROUNDS} rounds, the variants alternating; time runs from the worker's readiness to \
              the last result. The benchmark itself publishes and reads results over the plaintext listener in every \
-             variant, so only the worker's connection differs. Rows/s: the median of the {ROUNDS} drains, min–max in \
+             variant, so only the worker's side differs. The sealed variant is the plaintext connection with \
+             `security.payload_keys` set: the benchmark seals every job (AES-256-GCM) before the pre-fill and opens \
+             every result, so the worker opens each job and seals each result. Rows/s: the median of the {ROUNDS} drains, min–max in \
              brackets; the ratio is of the medians, against {}. CPU: user + system time per 1,000 rows over the \
              drain, medians.\n\n\
              | Jobs × rows | Variant | Jobs/s | Rows/s | ÷ {} | Worker CPU ms per 1,000 rows | RabbitMQ CPU ms per \

@@ -452,7 +452,7 @@ struct Feed {
 impl Feed {
     /// Subscribes with a prefetch of its own: `basic.qos` applies to the consumers started after it.
     async fn subscribe(channel: &Channel, lane: Lane, queue: &str, prefetch: u16) -> Result<Self, AmqpError> {
-        let queue_error = |source| AmqpError::Queue { queue: queue.to_string(), source };
+        let queue_error = |source| super::queue_error(queue.to_string(), false, source);
         channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(queue_error)?;
         let deliveries = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())

@@ -40,6 +40,18 @@ pub enum AmqpError {
     Tls { host: String, port: u16, cause: String },
     #[error("{queue}: {source} (if it exists with other arguments, e.g. as a classic queue, delete it or set amqp.declare_queues: false)")]
     Queue { queue: String, source: lapin::Error },
+    #[error(
+        "RabbitMQ refused the worker's user access to {queue}: {reason}; {}",
+        if *declaring {
+            "with amqp.declare_queues: true the worker declares its queues, which needs the configure permission. \
+             Where operations declare them (deploy/rabbitmq/definitions.json), set amqp.declare_queues: false \
+             (BATCHSCORE__AMQP__DECLARE_QUEUES=false), or grant the user configure permission on them"
+        } else {
+            "the user needs read permission on the jobs queues and write permission on the default exchange and \
+             the dead-letter exchange (deploy/rabbitmq/definitions.json grants exactly those)"
+        }
+    )]
+    AccessRefused { queue: String, reason: String, declaring: bool },
     #[error("the broker did not confirm a result within {0} ms (amqp.confirm_timeout_ms)")]
     ConfirmTimeout(u64),
     #[error("broker channel failed: {0}")]
@@ -67,6 +79,7 @@ impl AmqpError {
                 | AmqpError::TlsFile { .. }
                 | AmqpError::NoTrustStore { .. }
                 | AmqpError::Tls { .. }
+                | AmqpError::AccessRefused { .. }
         )
     }
 }

@@ -154,9 +154,9 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
         }
         arguments
     };
-    let queue_error = |queue: &str| {
+    let failed = |queue: &str| {
         let queue = queue.to_string();
-        move |source| AmqpError::Queue { queue, source }
+        move |source| queue_error(queue, settings.declare_queues, source)
     };
     channel
         .exchange_declare(
@@ -166,9 +166,9 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
             FieldTable::default(),
         )
         .await
-        .map_err(queue_error(&settings.dead_letter_exchange))?;
+        .map_err(failed(&settings.dead_letter_exchange))?;
     let dlq = settings.dead_letter_queue.as_str();
-    channel.queue_declare(dlq.into(), durable, quorum(&[])).await.map_err(queue_error(dlq))?;
+    channel.queue_declare(dlq.into(), durable, quorum(&[])).await.map_err(failed(dlq))?;
     if !passive {
         channel
             .queue_bind(
@@ -179,7 +179,7 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
                 FieldTable::default(),
             )
             .await
-            .map_err(queue_error(dlq))?;
+            .map_err(failed(dlq))?;
     }
     let jobs = quorum(&[
         ("x-delivery-limit", AMQPValue::LongUInt(settings.delivery_limit)),
@@ -190,13 +190,28 @@ pub async fn declare_topology(channel: &Channel, settings: &AmqpSettings) -> Res
     ]);
     for lane in [settings.jobs_queue.as_str(), settings.bulk_queue.as_str()] {
         if !lane.is_empty() {
-            channel.queue_declare(lane.into(), durable, jobs.clone()).await.map_err(queue_error(lane))?;
+            channel.queue_declare(lane.into(), durable, jobs.clone()).await.map_err(failed(lane))?;
         }
     }
     let results = settings.results_queue.as_str();
-    channel.queue_declare(results.into(), durable, quorum(&[])).await.map_err(queue_error(results))?;
+    channel.queue_declare(results.into(), durable, quorum(&[])).await.map_err(failed(results))?;
     Ok(())
 }
+
+/// What went wrong with `queue`: a refused permission (retrying cannot help: the user's rights
+/// or `amqp.declare_queues` must change), or another failure. `declaring`: the worker was
+/// declaring the queue rather than only checking or consuming it.
+pub(crate) fn queue_error(queue: String, declaring: bool, source: lapin::Error) -> AmqpError {
+    match &source.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == ACCESS_REFUSED => {
+            AmqpError::AccessRefused { queue, reason: amqp.get_message().to_string(), declaring }
+        }
+        _ => AmqpError::Queue { queue, source },
+    }
+}
+
+/// AMQP's reply code for a refused permission.
+const ACCESS_REFUSED: u16 = 403;
 
 /// The queue a lane consumes.
 pub fn lane_queue(settings: &AmqpSettings, lane: Lane) -> &str {
