@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use batchscore::amqp::declare_topology;
 use batchscore::settings::{AmqpSettings, Settings};
 use common::certificates::Authority;
-use common::private_broker::{PrivateBroker, TlsListener};
+use common::private_broker::PrivateBroker;
 use common::{expected, fixtures_repository, run_bounded, WorkerProcess};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -98,20 +98,12 @@ fn boot() -> Node {
     runtime.block_on(async {
         let made = std::env::temp_dir().join(format!("batchscore-pki-{}", uuid::Uuid::new_v4().simple()));
         let authority = Authority::new(&made, "deployment");
-        let server = authority.server("server", &["localhost"]);
         for user in USERS.into_iter().chain([STRANGER]) {
             authority.client(user, user);
         }
-        let tls = TlsListener {
-            cert_file: server.cert,
-            key_file: server.key,
-            client_ca_file: authority.ca_file(),
-            require_client_certificate: true,
-        };
+        let tls = authority.listener(true);
         let broker = PrivateBroker::start_deployed(&common::root().join(DEPLOYMENT), &tls).await;
-        // Into the node's directory, so that the files go with it.
-        let pki = broker.dir().join("pki");
-        std::fs::rename(&made, &pki).expect("certificates moved next to the node");
+        let pki = broker.keep(&made, "pki");
         Node { broker, pki }
     })
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
 use common::certificates::{Authority, Issued};
-use common::private_broker::{self, BrokerOptions, PrivateBroker, TlsListener};
+use common::private_broker::{self, BrokerOptions, PrivateBroker};
 use common::{expected, fixtures_repository, run_bounded, Client, TestWorker, WorkerProcess};
 use serde_json::json;
 
@@ -71,19 +71,11 @@ async fn boot() -> Node {
     let made = std::env::temp_dir().join(format!("batchscore-pki-{}", uuid::Uuid::new_v4().simple()));
     let trusted = Authority::new(&made, "trusted");
     let stranger = Authority::new(&made, "stranger");
-    let server = trusted.server("server", &["localhost"]);
     trusted.client("worker", CERTIFICATE_USER);
     stranger.client("stranger", CERTIFICATE_USER);
-    let tls = TlsListener {
-        cert_file: server.cert,
-        key_file: server.key,
-        client_ca_file: trusted.ca_file(),
-        require_client_certificate: false,
-    };
+    let tls = trusted.listener(false);
     let broker = PrivateBroker::start_with(BrokerOptions { tls: Some(tls) }).await;
-    // Into the node's directory, so that the files go with it.
-    let pki = broker.dir().join("pki");
-    std::fs::rename(&made, &pki).expect("certificates moved next to the node");
+    let pki = broker.keep(&made, "pki");
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let users: Vec<(&'static str, String)> = ["ca-scorer", "file-scorer", "pw-scorer"]
         .into_iter()

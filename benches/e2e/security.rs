@@ -27,7 +27,7 @@ use batchscore::payload::PayloadKey;
 
 use crate::broker::{Broker, Expectation, Topology};
 use crate::certificates::Authority;
-use crate::private_broker::{BrokerOptions, PrivateBroker, TlsListener};
+use crate::private_broker::{BrokerOptions, PrivateBroker};
 use crate::report::{goal_cell, not_done, spread_cell, thousands, two_places, Spread};
 use crate::scenarios::{self, cpu_seconds, Drain, Measured};
 use crate::workers::{Kind, Worker};
@@ -156,14 +156,8 @@ impl Node {
     async fn start() -> Result<Node> {
         let made = std::env::temp_dir().join(format!("batchscore-bench-pki-{}", uuid::Uuid::new_v4().simple()));
         let authority = Authority::new(&made, "bench");
-        let server = authority.server("server", &["localhost"]);
         authority.client("worker", CERTIFICATE_USER);
-        let tls = TlsListener {
-            cert_file: server.cert,
-            key_file: server.key,
-            client_ca_file: authority.ca_file(),
-            require_client_certificate: true,
-        };
+        let tls = authority.listener(true);
         // The harness panics with its reason when the node cannot start: a failed measurement
         // (or a skipped one, where RabbitMQ or the rights to run a node are missing).
         let started = tokio::spawn(PrivateBroker::start_with(BrokerOptions { tls: Some(tls) })).await;
@@ -185,8 +179,7 @@ impl Node {
                 return Err(anyhow!("starting a private RabbitMQ node: {why}"));
             }
         };
-        let pki = broker.dir().join("pki");
-        std::fs::rename(&made, &pki).context("moving the certificates next to the node")?;
+        let pki = broker.keep(&made, "pki");
         broker.add_user(CERTIFICATE_USER, &uuid::Uuid::new_v4().simple().to_string()).await;
         let payload_key = make_payload_key(&pki)?;
         let driver = Broker::connect(&broker.url()).await?;

@@ -5,6 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::private_broker::TlsListener;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -54,6 +55,19 @@ impl Authority {
         params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(stem, params)
+    }
+
+    /// A TLS listener for a broker node on this machine: a server certificate for `localhost`
+    /// (`server.pem`, `server.key`) from this CA, which also signs the client certificates the
+    /// listener accepts.
+    pub fn listener(&self, require_client_certificate: bool) -> TlsListener {
+        let server = self.server("server", &["localhost"]);
+        TlsListener {
+            cert_file: server.cert,
+            key_file: server.key,
+            client_ca_file: self.ca_file(),
+            require_client_certificate,
+        }
     }
 
     /// A server certificate like [`Authority::server`]'s, valid only in the year 2000.

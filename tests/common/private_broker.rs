@@ -238,6 +238,15 @@ impl PrivateBroker {
         &self.dir
     }
 
+    /// Moves `folder` (made before the node, e.g. its certificates) into the node's directory as
+    /// `<dir>/<name>`, so that it goes with the node; returns its new path.
+    pub fn keep(&self, folder: &Path, name: &str) -> PathBuf {
+        let kept = self.dir.join(name);
+        std::fs::rename(folder, &kept)
+            .unwrap_or_else(|e| panic!("moving {} next to the node as {}: {e}", folder.display(), kept.display()));
+        kept
+    }
+
     /// The Erlang node name, `batchscore-test-<id>@localhost`.
     pub fn node(&self) -> &str {
         &self.node
