@@ -103,13 +103,6 @@ pub struct Chain {
     include_inputs: bool,
 }
 
-/// A record's body, ready to publish, and its place in the chain.
-#[derive(Debug)]
-pub struct Appended {
-    pub seq: u64,
-    pub body: Vec<u8>,
-}
-
 impl Chain {
     /// A new chain: a fresh `chain_id`, `seq` from 0.
     pub fn start(settings: &AuditSettings) -> Self {
@@ -127,9 +120,9 @@ impl Chain {
         &self.chain_id
     }
 
-    /// The record of `answer`, next in the chain. The chain moves on only when the record is
-    /// written, so a record that fails leaves no gap.
-    pub fn append(&mut self, answer: &Answer<'_>) -> Result<Appended, AuditError> {
+    /// The body of the record of `answer`, next in the chain. The chain moves on only when the
+    /// record is written, so a record that fails leaves no gap.
+    pub fn append(&mut self, answer: &Answer<'_>) -> Result<Vec<u8>, AuditError> {
         let provenance = answer.provenance;
         let job_id = || shown(answer.job_id);
         let outputs = match answer.status {
@@ -170,10 +163,9 @@ impl Chain {
         };
         let body =
             serde_json::to_vec(&record).map_err(|e| AuditError::Encode { job_id: job_id(), problem: e.to_string() })?;
-        let seq = self.next_seq;
         self.previous = Some(Sha256::digest(&body).into());
         self.next_seq += 1;
-        Ok(Appended { seq, body })
+        Ok(body)
     }
 }
 
@@ -289,25 +281,24 @@ mod tests {
         let mut chain = Chain::start(&settings(true, false));
         let first = chain.append(&answer(&provenance, RESULT, false)).expect("appended");
         let second = chain.append(&answer(&provenance, RESULT, false)).expect("appended");
-        assert_eq!((first.seq, second.seq), (0, 1));
-        let (first_json, second_json) = (json(&first.body), json(&second.body));
+        let (first_json, second_json) = (json(&first), json(&second));
+        assert_eq!((&first_json["seq"], &second_json["seq"]), (&0.into(), &1.into()));
         assert_eq!(first_json["prev_sha256"], serde_json::Value::Null);
-        assert_eq!(second_json["prev_sha256"], format!("{:x}", Sha256::digest(&first.body)));
+        assert_eq!(second_json["prev_sha256"], format!("{:x}", Sha256::digest(&first)));
         assert_eq!(first_json["chain_id"], chain.id());
-        assert_eq!(second_json["seq"], 1);
     }
 
     #[test]
     fn outputs_and_inputs_are_recorded_as_the_settings_say() {
         let kept = provenance(true);
         let mut chain = Chain::start(&settings(true, true));
-        let record = json(&chain.append(&answer(&kept, RESULT, false)).expect("appended").body);
+        let record = json(&chain.append(&answer(&kept, RESULT, false)).expect("appended"));
         assert_eq!(record["outputs"], serde_json::json!({"score": [0.25, 0.75]}));
         assert_eq!(record["outputs_sha256"], format!("{:x}", Sha256::digest(br#"{"score":[0.25,0.75]}"#)));
         assert_eq!(record["inputs"], serde_json::json!([[1.0, -0.5], [3.25, 0.0]]));
 
         let mut chain = Chain::start(&settings(false, false));
-        let record = json(&chain.append(&answer(&provenance(false), RESULT, false)).expect("appended").body);
+        let record = json(&chain.append(&answer(&provenance(false), RESULT, false)).expect("appended"));
         assert!(record.get("outputs").is_none() && record.get("inputs").is_none(), "{record}");
         assert_eq!(record["outputs_sha256"], format!("{:x}", Sha256::digest(br#"{"score":[0.25,0.75]}"#)));
         assert!(record["inputs_sha256"].as_str().is_some_and(|d| d.len() == 64));
@@ -317,7 +308,7 @@ mod tests {
     fn an_encrypted_jobs_record_holds_digests_only() {
         let kept = provenance(true);
         let mut chain = Chain::start(&settings(true, true));
-        let record = json(&chain.append(&answer(&kept, RESULT, true)).expect("appended").body);
+        let record = json(&chain.append(&answer(&kept, RESULT, true)).expect("appended"));
         assert!(record.get("outputs").is_none() && record.get("inputs").is_none(), "{record}");
         assert_eq!(record["encrypted"], true);
         assert!(record["outputs_sha256"].is_string() && record["inputs_sha256"].is_string());
@@ -328,6 +319,6 @@ mod tests {
         let provenance = provenance(false);
         let mut chain = Chain::start(&settings(true, false));
         assert!(chain.append(&answer(&provenance, b"{\"status\":\"ok\"}", false)).is_err());
-        assert_eq!(chain.append(&answer(&provenance, RESULT, false)).expect("appended").seq, 0);
+        assert_eq!(json(&chain.append(&answer(&provenance, RESULT, false)).expect("appended"))["seq"], 0);
     }
 }

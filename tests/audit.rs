@@ -216,6 +216,22 @@ async fn subscribe(stream: &str) -> (Connection, lapin::Consumer) {
     (connection, deliveries)
 }
 
+/// The next message of a stream subscription, acknowledged; `waiting` says what the test waited
+/// for when none comes within `patience`.
+async fn next_message(
+    deliveries: &mut lapin::Consumer,
+    patience: Duration,
+    waiting: impl FnOnce() -> String,
+) -> lapin::message::Delivery {
+    let delivery = tokio::time::timeout(patience, deliveries.next())
+        .await
+        .unwrap_or_else(|_| panic!("{}", waiting()))
+        .expect("stream open")
+        .expect("delivery");
+    delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    delivery
+}
+
 /// Every record of `stream`, first to last, each checked against the record schema. The worker
 /// has stopped, so nothing follows the marker the test appends to find the end.
 async fn read_stream(stream: &str) -> Vec<Record> {
@@ -243,12 +259,8 @@ async fn read_stream(stream: &str) -> Vec<Record> {
     let (_subscription, mut deliveries) = subscribe(stream).await;
     let mut records = Vec::new();
     loop {
-        let delivery = tokio::time::timeout(BROKER_PATIENCE, deliveries.next())
-            .await
-            .unwrap_or_else(|_| panic!("the end of {stream} not reached after {} records", records.len()))
-            .expect("stream open")
-            .expect("delivery");
-        delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        let end_not_reached = || format!("the end of {stream} not reached after {} records", records.len());
+        let delivery = next_message(&mut deliveries, BROKER_PATIENCE, end_not_reached).await;
         if delivery.properties.message_id().as_ref().map(|m| m.as_str()) == Some(end.as_str()) {
             return records;
         }
@@ -275,12 +287,8 @@ async fn wait_for_records(stream: &str, mut ids: HashSet<&str>) {
     let started = Instant::now();
     while !ids.is_empty() {
         let left = BROKER_PATIENCE.saturating_sub(started.elapsed());
-        let delivery = tokio::time::timeout(left, deliveries.next())
-            .await
-            .unwrap_or_else(|_| panic!("{} jobs without a record in {stream}", ids.len()))
-            .expect("stream open")
-            .expect("delivery");
-        delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        let delivery =
+            next_message(&mut deliveries, left, || format!("{} jobs without a record in {stream}", ids.len())).await;
         let record: Value = serde_json::from_slice(&delivery.data).expect("a record is JSON");
         ids.remove(record["job_id"].as_str().unwrap_or_default());
     }
@@ -355,16 +363,22 @@ fn check_record(record: &Record, job: &Job, result: &[u8], settings: &Settings) 
     }
 }
 
+/// Runs a worker on `settings` until it has answered `jobs`, stops it (every job acknowledged),
+/// and returns the results and the records.
+async fn answer_and_record(settings: &Settings, jobs: &[Job]) -> (Sender, Vec<Record>) {
+    let worker = TestWorker::start(settings.clone()).await;
+    let mut sender = Sender::new(settings).await;
+    sender.send(jobs).await;
+    sender.answers(jobs).await;
+    assert_eq!(worker.stop().await, 0, "every job acknowledged");
+    (sender, read_stream(&settings.audit.stream).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answered_job_has_exactly_one_record_with_its_inputs_digest() {
     let settings = audited("audit-every");
-    let worker = TestWorker::start(settings.clone()).await;
-    let mut sender = Sender::new(&settings).await;
     let jobs = Job::mix("every", 3000);
-    sender.send(&jobs).await;
-    sender.answers(&jobs).await;
-    assert_eq!(worker.stop().await, 0, "every job acknowledged");
-    let records = read_stream(&settings.audit.stream).await;
+    let (sender, records) = answer_and_record(&settings, &jobs).await;
     let recorded = by_job(&records);
     assert_eq!(records.len(), jobs.len(), "one record per job");
     for job in &jobs {
@@ -389,13 +403,8 @@ async fn every_answered_job_has_exactly_one_record_with_its_inputs_digest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chain_read_back_is_intact_and_its_check_catches_tampering() {
     let settings = audited("audit-chain");
-    let worker = TestWorker::start(settings.clone()).await;
-    let mut sender = Sender::new(&settings).await;
     let jobs = Job::mix("chain", 300);
-    sender.send(&jobs).await;
-    sender.answers(&jobs).await;
-    assert_eq!(worker.stop().await, 0);
-    let mut records = read_stream(&settings.audit.stream).await;
+    let (_, mut records) = answer_and_record(&settings, &jobs).await;
     assert_eq!(records.len(), jobs.len());
     assert_eq!(verify_chains(&records), Ok(1), "one worker session, one chain");
     assert_eq!(records[0].json["seq"], 0);
@@ -473,13 +482,8 @@ async fn records_hold_the_inputs_and_only_the_outputs_digest_when_set_so() {
     let mut settings = audited("audit-privacy");
     settings.audit.include_outputs = false;
     settings.audit.include_inputs = true;
-    let worker = TestWorker::start(settings.clone()).await;
-    let mut sender = Sender::new(&settings).await;
     let jobs: Vec<Job> = (0..20).map(|i| Job::scored(format!("privacy-{i:02}"), 1 + i % 4, i as u64)).collect();
-    sender.send(&jobs).await;
-    sender.answers(&jobs).await;
-    assert_eq!(worker.stop().await, 0);
-    let records = read_stream(&settings.audit.stream).await;
+    let (sender, records) = answer_and_record(&settings, &jobs).await;
     let recorded = by_job(&records);
     for job in &jobs {
         let record = &recorded[job.id.as_str()][0].json;

@@ -1,10 +1,10 @@
 //! The result publisher: publishes each result (and, for a job that cannot be scored, a copy
 //! of the job to the dead-letter exchange; with the audit trail on, its record, through the
 //! [`Recorder`]) with publisher confirms, and acknowledges the job only once the broker has
-//! confirmed everything published for it. Every job's publish, confirm
-//! and acknowledgement run concurrently with the others', so neither a slow confirm nor the
-//! round trip of one frame holds back the jobs behind it. The result of a job that came
-//! encrypted is encrypted here, once, with the job's key, and marked with its headers.
+//! confirmed everything published for it. Every job's publish, confirm and acknowledgement run
+//! concurrently with the others', so neither a slow confirm nor the round trip of one frame holds
+//! back the jobs behind it. The result of a job that came encrypted is encrypted here, once, with
+//! the job's key, and marked with its headers.
 
 use std::future::Future;
 use std::time::{Duration, Instant};

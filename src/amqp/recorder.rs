@@ -72,7 +72,7 @@ impl Recorder {
             .with_type(RECORD_TYPE.into());
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let stream = ShortString::from(&*self.stream);
-        let confirm = self.channel.basic_publish("".into(), stream, options, &record.body, properties).await?;
+        let confirm = self.channel.basic_publish("".into(), stream, options, &record, properties).await?;
         Ok(Recording { confirm, stream: Arc::clone(&self.stream), job_id: audit::shown(job_id) })
     }
 }
