@@ -173,6 +173,7 @@ impl Fixture {
             charge: RowBudget::new(usize::MAX).charge(rows),
             explain: None,
             key: None,
+            audit: None,
         })
     }
 

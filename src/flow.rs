@@ -285,6 +285,8 @@ pub struct JobMeta {
     pub explain: Option<explain::Request>,
     /// The key the job came encrypted with; its result is encrypted with it.
     pub key: Option<PayloadKey>,
+    /// What the audit trail records of the job's rows; `None` with the trail off.
+    pub audit: Option<Arc<AuditedInputs>>,
 }
 
 impl JobMeta {
@@ -348,6 +350,9 @@ pub struct Batch {
 /// The outcome of one run (or of jobs that expired before one), on its way to the result stage.
 #[derive(Debug)]
 pub struct ScoredBatch {
+    /// The run that scored the batch, numbered per worker process; `None` for jobs answered
+    /// without a run.
+    pub batch_id: Option<u64>,
     pub segments: Vec<Segment>,
     pub outcome: Result<Vec<Column>, Rejection>,
     pub started_at: Instant,
@@ -357,7 +362,13 @@ pub struct ScoredBatch {
 impl ScoredBatch {
     /// The batch's jobs, answered with `rejection` instead of scores.
     pub fn failed(segments: Vec<Segment>, rejection: Rejection) -> Self {
-        ScoredBatch { segments, outcome: Err(rejection), started_at: Instant::now(), inference_time: Duration::ZERO }
+        ScoredBatch {
+            batch_id: None,
+            segments,
+            outcome: Err(rejection),
+            started_at: Instant::now(),
+            inference_time: Duration::ZERO,
+        }
     }
 }
 
@@ -375,6 +386,37 @@ pub struct Outgoing {
     /// result goes in plaintext, as its job came (or as a job that could not be decrypted is
     /// answered).
     pub key: Option<PayloadKey>,
+    /// What the audit record says beyond the result; `None` with the trail off.
+    pub audit: Option<Box<Provenance>>,
+}
+
+/// A job's rows as the audit trail records them, taken when the job is decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditedInputs {
+    /// sha256 of the rows as scored: little-endian float32, row-major, in the model's feature order.
+    pub sha256: [u8; 32],
+    /// Values per row.
+    pub features: usize,
+    /// The rows themselves, kept only when records hold them (`audit.include_inputs`).
+    pub rows: Option<Vec<f32>>,
+}
+
+/// What an audit record says of a job beyond its result body and its message: which model file
+/// scored which rows, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Provenance {
+    /// The model the job named (served or not) and the version that scored it, or was to.
+    pub model: Option<String>,
+    pub version: Option<u64>,
+    /// The sha256 of the model file, once the job was bound to a served version.
+    pub model_sha256: Option<String>,
+    /// `None` for a job refused before its rows were read.
+    pub inputs: Option<Arc<AuditedInputs>>,
+    pub error_code: Option<ErrorCode>,
+    /// Epoch milliseconds: the job received, and answered (scored or refused).
+    pub received_ms: u64,
+    pub scored_ms: u64,
+    pub batch_id: Option<u64>,
 }
 
 /// A job's figures for `batchscore_jobs_completed_total` and its latency histogram, counted only
@@ -401,6 +443,11 @@ impl Completion {
 /// Now in epoch milliseconds, the unit of job deadlines.
 pub fn epoch_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When `at` was, in epoch milliseconds.
+pub fn epoch_ms_at(at: Instant) -> u64 {
+    epoch_ms().saturating_sub(at.elapsed().as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! halves until the failure is narrowed to the jobs that cause it, so the others still score.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,9 @@ use crate::faults;
 use crate::flow::{self, Batch, Rejection, ScoredBatch, Segment};
 use crate::supervisor::{Gone, Supervisor};
 use crate::telemetry;
+
+/// The number of the next run in this worker process: the `batch_id` of audit records.
+static NEXT_RUN: AtomicU64 = AtomicU64::new(1);
 
 /// Starts the run as a stage of `runs`; the session returns to the pool when the run ends.
 pub fn spawn(
@@ -33,6 +37,7 @@ async fn run(
     scored: mpsc::Sender<ScoredBatch>,
 ) -> Result<(), Gone> {
     let started_at = Instant::now();
+    let batch_id = Some(NEXT_RUN.fetch_add(1, Ordering::Relaxed));
     let (name, version, rows, jobs, closed_by) =
         (model.name.clone(), model.version, batch.rows, batch.segments.len(), batch.closed_by);
     let (busy, idle) = model.session_usage();
@@ -58,7 +63,7 @@ async fn run(
     }
     telemetry::record_batch(&name, version, rows, jobs, closed_by.as_str(), inference_time);
     for (segments, outcome) in parts {
-        let scored_batch = ScoredBatch { segments, outcome, started_at, inference_time };
+        let scored_batch = ScoredBatch { batch_id, segments, outcome, started_at, inference_time };
         scored.send(scored_batch).await.map_err(|_| Gone)?;
     }
     Ok(())

@@ -13,8 +13,9 @@
 //! - [`infer`]: runs a batch on a pooled session of the [`engine`]
 //! - [`result`]: scatters scores back to jobs, reassembles split jobs, adds the rows'
 //!   [`explain`]ations where the job asked; [`encode`] writes the bodies
-//! - [`amqp::publisher`]: encrypts the results of encrypted jobs, publishes with confirms, then
-//!   acknowledges the job
+//! - [`amqp::publisher`]: encrypts the results of encrypted jobs, publishes with confirms, appends
+//!   each job's [`audit`] record to the audit stream, then acknowledges the job once both are
+//!   confirmed
 //!
 //! [`amqp::endpoint`] checks where and how the worker connects (TLS, certificate login, the
 //! plaintext rule) before it does; [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod audit;
 pub mod authz;
 pub mod batcher;
 pub mod budget;

@@ -79,7 +79,7 @@ async fn serve(
     shutdown: &CancellationToken,
     ever_connected: &mut bool,
 ) -> Result<(), SessionError> {
-    let link = Link::open(&settings.amqp).await?;
+    let link = Link::open(&settings.amqp, &settings.audit).await?;
     *ever_connected = true;
     health.set_broker_connected(true);
     telemetry::reset_inflight();
@@ -118,7 +118,8 @@ fn start_stages(
     let (publish_tx, publish_rx) = mpsc::channel(usize::from(amqp.prefetch) + usize::from(amqp.bulk_prefetch));
     // One batch ahead per session (TEI's channel of one, per session).
     let (scored_tx, scored_rx) = mpsc::channel(settings.inference.sessions.max(2));
-    stages.spawn("publisher", amqp::publisher::run(link.publish_channel(), amqp.clone(), publish_rx));
+    let audit = settings.audit.enabled.then(|| settings.audit.clone());
+    stages.spawn("publisher", amqp::publisher::run(link.publish_channel(), amqp.clone(), audit, publish_rx));
     stages.spawn("result", result::run(scored_rx, publish_tx.clone()));
     let snapshot = Arc::clone(&repository.borrow());
     let capacity = usize::from(amqp.prefetch.max(amqp.bulk_prefetch));

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::audit;
 use crate::encode::{encode_error, encode_ok, Timing};
 use crate::engine::Column;
 use crate::explain::Explanation;
@@ -40,10 +41,12 @@ pub async fn run(mut scored: mpsc::Receiver<ScoredBatch>, publish: mpsc::Sender<
                 for segment in &batch.segments {
                     let Some(finished) = reassembly.add(segment, &batch) else { continue };
                     let job = Arc::clone(&segment.job);
+                    // The run that brought the job's last rows.
+                    let batch_id = batch.batch_id;
                     if finished.is_heavy(&job) {
-                        apart.spawn(move || answer(&job, finished.encode(&job)));
+                        apart.spawn(move || answer(&job, finished.encode(&job), batch_id));
                     } else {
-                        publish.send(answer(&job, finished.encode(&job))).await.map_err(|_| Gone)?;
+                        publish.send(answer(&job, finished.encode(&job), batch_id)).await.map_err(|_| Gone)?;
                     }
                 }
             }
@@ -247,8 +250,9 @@ fn encode(
 }
 
 /// The result message of a finished job: its scores, or its error (dead-lettered unless the job
-/// merely expired).
-fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
+/// merely expired). `batch_id` names the run that brought its last rows.
+fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>, batch_id: Option<u64>) -> Outgoing {
+    let error_code = outcome.as_ref().err().map(Rejection::code);
     let (body, status, dead_letter) = match outcome {
         Ok(body) => (body, "ok", None),
         Err(rejection) => {
@@ -279,6 +283,7 @@ fn answer(job: &JobMeta, outcome: Result<Vec<u8>, Rejection>) -> Outgoing {
             since: Completion::published_at(job.received_at, job.queued_for),
         },
         key: job.key.clone(),
+        audit: audit::scored(job, error_code, batch_id),
     }
 }
 
@@ -317,6 +322,7 @@ mod tests {
             .expect("the fixture scores");
         let segment = Segment { job: Arc::clone(&job.meta), job_offset: from, batch_offset: 0, rows };
         Arc::new(ScoredBatch {
+            batch_id: Some(1),
             segments: vec![segment],
             outcome: Ok(columns),
             started_at: Instant::now(),
@@ -368,7 +374,7 @@ mod tests {
         let outcome = reassembly.add(&rest.segments[0], &rest).expect("all rows in").encode(&split.meta);
         assert_eq!(outcome, Err(Rejection::Internal("inference failed: boom".into())));
 
-        let answer = answer(&split.meta, outcome);
+        let answer = answer(&split.meta, outcome, None);
         assert_eq!(answer.delivery.open::<u64>(), Some(&8), "the job's own delivery");
         assert_eq!((answer.completion.status, answer.completion.lane), ("error", Lane::Bulk));
         assert!(answer.dead_letter.is_some(), "a failed job is dead-lettered");
@@ -380,7 +386,7 @@ mod tests {
     fn an_expired_job_is_answered_but_not_dead_lettered() {
         let model = linear_model(1, BatchingSettings::default());
         let late = job(&model, 9, 1, Lane::Online);
-        let answer = answer(&late.meta, Err(Rejection::Expired("deadline passed".into())));
+        let answer = answer(&late.meta, Err(Rejection::Expired("deadline passed".into())), None);
         assert_eq!(answer.completion.status, "expired");
         assert!(answer.dead_letter.is_none());
     }

@@ -57,6 +57,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     #[serde(default)]
     pub security: SecuritySettings,
+    #[serde(default)]
+    pub audit: AuditSettings,
 }
 
 /// The broker of `amqp.url` when no setting names one: the local RabbitMQ, as guest.
@@ -464,6 +466,111 @@ impl Default for ShutdownSettings {
     }
 }
 
+/// The audit trail (docs/AUDIT.md): one record per answered job, appended to a RabbitMQ stream
+/// and confirmed before the job is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Record every answered job; off, nothing of the trail runs.
+    pub enabled: bool,
+    /// The stream the records go to (declared with `amqp.declare_queues`).
+    pub stream: String,
+    /// How long the stream keeps records (its `x-max-age`): a whole number and a unit, `Y`, `M`,
+    /// `D`, `h`, `m` or `s`, e.g. `2555D` (7 years).
+    pub max_age: String,
+    /// The most bytes the stream keeps (its `x-max-length-bytes`); older segments go first.
+    pub max_bytes: u64,
+    /// Records hold the result's outputs; `false`: only their sha256.
+    pub include_outputs: bool,
+    /// Records hold the job's rows as scored (applicants' data); `false`: only their sha256.
+    pub include_inputs: bool,
+    /// Names this worker's chains of records; empty in the settings file: the host name.
+    pub worker_id: String,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            stream: "scoring.audit".into(),
+            max_age: "2555D".into(),
+            max_bytes: 20_000_000_000,
+            include_outputs: true,
+            include_inputs: false,
+            worker_id: String::new(),
+        }
+    }
+}
+
+impl AuditSettings {
+    /// Fills an empty `worker_id` with the host name, when the system gives one.
+    fn resolve_worker_id(&mut self) {
+        if self.worker_id.is_empty() {
+            self.worker_id = host_name().unwrap_or_default();
+        }
+    }
+
+    fn validate(&self, amqp: &AmqpSettings) -> Result<(), SettingsError> {
+        let invalid = |key, problem: String| Err(SettingsError::Invalid { key, problem });
+        if self.stream.is_empty() || self.stream.len() > 255 {
+            return invalid("audit.stream", "must be a queue name of 1 to 255 bytes, e.g. scoring.audit".into());
+        }
+        let queues = [&amqp.jobs_queue, &amqp.bulk_queue, &amqp.results_queue, &amqp.dead_letter_queue];
+        if queues.contains(&&self.stream) {
+            return invalid(
+                "audit.stream",
+                format!("{:?} is also one of the amqp queues; give the stream a name of its own", self.stream),
+            );
+        }
+        if !is_max_age(&self.max_age) {
+            return invalid(
+                "audit.max_age",
+                format!(
+                    "{:?} is not a RabbitMQ x-max-age: write a whole number above 0 and one unit, Y (years), M \
+                     (months), D (days), h, m or s, e.g. 2555D for 7 years",
+                    self.max_age
+                ),
+            );
+        }
+        if self.max_bytes == 0 {
+            return invalid("audit.max_bytes", "must be at least 1 byte, e.g. 20000000000 (20 GB)".into());
+        }
+        if self.enabled && self.worker_id.is_empty() {
+            return invalid(
+                "audit.worker_id",
+                "is empty and the host name could not be read; set it to a name unique to this worker (e.g. \
+                 BATCHSCORE__AUDIT__WORKER_ID=$HOSTNAME)"
+                    .into(),
+            );
+        }
+        if self.worker_id.len() > 255 || self.worker_id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return invalid(
+                "audit.worker_id",
+                format!("{:?} must be at most 255 bytes, without spaces or control characters", self.worker_id),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `age` is RabbitMQ's `x-max-age`: digits (not all zero) and one unit letter.
+fn is_max_age(age: &str) -> bool {
+    let Some((number, unit)) = age.char_indices().last().map(|(at, unit)| (&age[..at], unit)) else {
+        return false;
+    };
+    matches!(unit, 'Y' | 'M' | 'D' | 'h' | 'm' | 's')
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && number.bytes().any(|b| b != b'0')
+}
+
+/// The host name: `HOSTNAME`, else the kernel's.
+fn host_name() -> Option<String> {
+    let from_kernel = || std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let name = std::env::var("HOSTNAME").ok().filter(|n| !n.trim().is_empty()).or_else(from_kernel)?;
+    Some(name.trim().to_string()).filter(|n| !n.is_empty())
+}
+
 /// What the worker demands of jobs beyond their content: who may score what, where results may go,
 /// and payload encryption (docs/SECURITY.md). Everything is off by default: any job is scored,
 /// whoever sent it, in plaintext or encrypted with a known key, and its result goes to any
@@ -571,6 +678,7 @@ impl Settings {
         let url_given = sources.get_string("amqp.url").is_ok();
         let mut settings: Settings = sources.try_deserialize().map_err(load_error)?;
         settings.amqp.resolve_secrets(url_given)?;
+        settings.audit.resolve_worker_id();
         settings.validate()?;
         Ok(settings)
     }
@@ -651,7 +759,8 @@ impl Settings {
         if self.metrics_addr().is_err() {
             return invalid("metrics.listen", "must be host:port, e.g. 0.0.0.0:9464 (port 0 picks a free port)");
         }
-        self.security.validate()
+        self.security.validate()?;
+        self.audit.validate(&self.amqp)
     }
 
     pub fn metrics_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
@@ -795,12 +904,14 @@ mod tests {
         assert_eq!(publishers, [("CN=Core.Banking", "core.*"), ("risk-nightly", "risk.*")], "names kept as written");
     }
 
+    /// Asserts the settings `yaml` are refused with a message naming `key` and saying `needle`.
+    fn refused(yaml: &str, key: &str, needle: &str) {
+        let message = load_in(&write_settings(yaml, &[])).expect_err("refused").to_string();
+        assert!(message.contains(key) && message.contains(needle), "{key}, {needle}: {message}");
+    }
+
     #[test]
     fn unusable_security_settings_name_their_key() {
-        let refused = |yaml: &str, key: &str, needle: &str| {
-            let message = load_in(&write_settings(yaml, &[])).expect_err("refused").to_string();
-            assert!(message.contains(key) && message.contains(needle), "{key}, {needle}: {message}");
-        };
         refused("security:\n  reply_to:\n    default: \"{username}.results\"\n", "security.reply_to.default", "{user}");
         refused("security:\n  reply_to:\n    default: \"\"\n", "security.reply_to.default", "empty pattern");
         refused(
@@ -810,6 +921,25 @@ mod tests {
         );
         refused("security:\n  known_publishers: [other]\n", "security.known_publishers", "other");
         refused("security:\n  reply_to:\n    publishers:\n      none: \"x\"\n", "security.reply_to.publishers", "none");
+    }
+
+    #[test]
+    fn audit_settings_default_off_and_unusable_ones_name_their_key() {
+        let audit = load_in(&write_settings("logging:\n  level: info\n", &[])).expect("defaults load").audit;
+        assert!(!audit.enabled && audit.include_outputs && !audit.include_inputs);
+        assert_eq!((audit.stream.as_str(), audit.max_age.as_str()), ("scoring.audit", "2555D"));
+        assert!(!audit.worker_id.is_empty(), "the host name names the chain");
+        for age in ["7 years", "2555", "D", "0D", "12d", "-3D"] {
+            refused(&format!("audit:\n  max_age: \"{age}\"\n"), "audit.max_age", "2555D");
+        }
+        refused("audit:\n  max_bytes: 0\n", "audit.max_bytes", "at least 1");
+        refused("audit:\n  stream: scoring.results\n", "audit.stream", "name of its own");
+        refused("audit:\n  stream: \"\"\n", "audit.stream", "1 to 255 bytes");
+        refused("audit:\n  worker_id: \"two words\"\n", "audit.worker_id", "without spaces");
+        for age in ["1Y", "84M", "2555D", "36h", "90m", "3600s"] {
+            let yaml = format!("audit:\n  enabled: true\n  max_age: {age}\n  worker_id: w-1\n");
+            assert_eq!(load_in(&write_settings(&yaml, &[])).expect("loads").audit.max_age, age);
+        }
     }
 
     #[test]

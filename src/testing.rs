@@ -39,6 +39,7 @@ pub fn job(model: &Arc<ModelVersion>, seq: u64, rows: usize, lane: Lane) -> Job 
         charge: RowBudget::new(usize::MAX).charge(rows),
         explain: None,
         key: None,
+        audit: None,
     };
     Job { meta: Arc::new(meta), inputs: vec![seq as f32; rows * model.signature.n_features] }
 }

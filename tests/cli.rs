@@ -95,6 +95,15 @@ fn invalid_setting_exits_2_naming_the_key() {
 }
 
 #[test]
+fn an_unusable_audit_setting_exits_2_naming_the_key_and_the_fix() {
+    let output =
+        worker_expected_to_exit(&[("BATCHSCORE__AUDIT__ENABLED", "true"), ("BATCHSCORE__AUDIT__MAX_AGE", "7years")]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains("audit.max_age") && text.contains("2555D"), "{text}");
+}
+
+#[test]
 fn a_refused_password_exits_2_naming_user_host_and_vhost_but_not_the_password() {
     let output =
         worker_expected_to_exit(&[("BATCHSCORE__AMQP__URL", "amqp://guest:Not-The-Password@127.0.0.1:5672/%2f")]);

@@ -19,6 +19,7 @@ fn check(validator: &jsonschema::Validator, path: &Path) {
 #[test]
 fn examples_and_samples_match_the_schemas() {
     let (jobs, results) = (validator("job.schema.json"), validator("result.schema.json"));
+    let records = validator("audit-record.schema.json");
     let mut checked = 0;
     for entry in std::fs::read_dir(common::root().join("schemas/examples")).expect("examples exist") {
         let path = entry.expect("entry").path();
@@ -26,7 +27,8 @@ fn examples_and_samples_match_the_schemas() {
         match name.split('-').next() {
             Some("job") => check(&jobs, &path),
             Some("result") => check(&results, &path),
-            _ => panic!("{name}: examples are named job-* or result-*"),
+            Some("audit") => check(&records, &path),
+            _ => panic!("{name}: examples are named job-*, result-* or audit-record-*"),
         }
         checked += 1;
     }
@@ -61,4 +63,24 @@ fn schemas_reject_what_the_worker_rejects() {
     let parameters = serde_json::json!({"status": "error", "code": "internal"});
     let mixed = serde_json::json!({"id": "a", "status": "error", "error": "x", "parameters": parameters});
     assert!(!results.is_valid(&mixed), "native status in a protocol error response");
+}
+
+#[test]
+fn the_record_schema_rejects_records_that_break_its_rules() {
+    let records = validator("audit-record.schema.json");
+    let text = std::fs::read(common::root().join("schemas/examples/audit-record-ok.json")).expect("example");
+    let ok: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
+    assert!(records.is_valid(&ok));
+    let changed = |member: &str, value: serde_json::Value| {
+        let mut record = ok.clone();
+        record[member] = value;
+        record
+    };
+    assert!(!records.is_valid(&changed("prev_sha256", serde_json::Value::Null)), "only seq 0 starts a chain");
+    assert!(!records.is_valid(&changed("encrypted", true.into())), "an encrypted job's record holds digests only");
+    assert!(!records.is_valid(&changed("status", "error".into())), "an error record has an error code");
+    assert!(!records.is_valid(&changed("inputs_sha256", "ABC".into())), "digests are 64 hex digits");
+    let mut absent = ok.clone();
+    absent.as_object_mut().expect("object").remove("batch_id");
+    assert!(!records.is_valid(&absent), "facts that do not apply are null, not absent");
 }

@@ -99,6 +99,7 @@ fn job(seq: u64, model: &Arc<ModelVersion>, rows: usize, inputs: Vec<f32>) -> Jo
         charge: RowBudget::new(usize::MAX).charge(rows),
         explain: None,
         key: None,
+        audit: None,
     };
     Job { meta: Arc::new(meta), inputs }
 }
@@ -178,6 +179,7 @@ proptest! {
 
             let columns = fixture.score(&batch.inputs, batch.rows);
             let scored = Arc::new(ScoredBatch {
+                batch_id: None,
                 segments: batch.segments,
                 outcome: Ok(columns),
                 started_at: Instant::now(),

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{AmqpError, Inbound};
+use crate::audit;
 use crate::authz::{Policy, PublisherLabels};
 use crate::batcher::Batchers;
 use crate::encode::encode_error;
@@ -184,13 +185,17 @@ impl Consumer {
             _ => ShortString::from(self.settings.amqp.results_queue.as_str()),
         };
         let lane = feed.lane;
+        // With the trail on, whether records keep the rows besides their digest.
+        let audit = &self.settings.audit;
+        let audited = audit.enabled.then_some(audit.include_inputs);
         // Measured at receipt: a large body's decoding is the worker's time, not the queue's.
         let queued_for = queue_wait(&properties);
         let decode = move || {
             let (key, outcome) = match open(&keyring, &data, &properties, &origin) {
                 Ok(opened) => {
                     let outcome =
-                        prepare(opened.body(), &properties, &origin, received_at, &limits, &policy, &repository);
+                        prepare(opened.body(), &properties, &origin, received_at, &limits, &policy, &repository)
+                            .map(|prepared| prepared.audited(audited));
                     (opened.key().cloned(), outcome)
                 }
                 Err(rejected) => (None, Err(rejected)),
@@ -213,7 +218,7 @@ impl Consumer {
     async fn dispatch(&mut self, decoded: Decoded) -> bool {
         let Decoded { lane, received_at, queued_for, delivery, key, outcome } = decoded;
         match outcome {
-            Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol, publisher, explain }) => {
+            Ok(Prepared { job_id, rows, model, inputs, deadline_ms, protocol, publisher, explain, audit }) => {
                 let label = self.labels.label(publisher.as_deref());
                 telemetry::record_job_received(&model.name, lane.as_str(), label, queued_for);
                 telemetry::record_inflight(1.0, rows as f64);
@@ -233,6 +238,7 @@ impl Consumer {
                     charge: self.lanes.budget(lane).charge(rows),
                     explain,
                     key,
+                    audit,
                 };
                 let job = Job { meta: Arc::new(meta), inputs };
                 let model = Arc::clone(&job.meta.model);
@@ -257,6 +263,7 @@ impl Consumer {
                 telemetry::record_job_error(error.reason.code().as_str());
                 telemetry::record_inflight(1.0, 0.0);
                 let since = Completion::published_at(received_at, queued_for.unwrap_or_default());
+                let audit = self.settings.audit.enabled.then(|| audit::refused(&error, received_at));
                 let outgoing = Outgoing {
                     delivery,
                     job_id: error.job_id.clone(),
@@ -264,6 +271,7 @@ impl Consumer {
                     completion: Completion { model: model.to_string(), lane, status: "error", rows: 0, since },
                     dead_letter: Some(error.reason),
                     key,
+                    audit,
                 };
                 self.publish.send(outgoing).await.is_ok()
             }
@@ -386,6 +394,7 @@ fn prepare(
         protocol,
         publisher: publisher(),
         explain,
+        audit: None,
     })
 }
 
@@ -410,12 +419,29 @@ struct Prepared {
     protocol: Protocol,
     publisher: Option<Arc<str>>,
     explain: Option<explain::Request>,
+    /// Set by [`Prepared::audited`] when the audit trail is on.
+    audit: Option<Arc<flow::AuditedInputs>>,
+}
+
+impl Prepared {
+    /// With the trail on (`Some(keep)`), the job with the digest of the rows it sent as they are
+    /// scored, and the rows themselves when `keep`: rows a sampling explanation adds are not the
+    /// job's.
+    fn audited(mut self, keep: Option<bool>) -> Self {
+        if let Some(keep) = keep {
+            let features = self.model.signature.n_features;
+            let sent = self.explain.as_ref().map_or(self.rows, |request| request.rows);
+            let values = &self.inputs[..(sent * features).min(self.inputs.len())];
+            self.audit = Some(Arc::new(audit::inputs(values, features, keep)));
+        }
+        self
+    }
 }
 
 /// The job's deadline in epoch milliseconds: header `x-deadline`, else the AMQP `expiration`
 /// counted from the message's `timestamp` (or from its receipt when it has none).
 fn deadline(properties: &BasicProperties, received_at: Instant) -> Result<Option<u64>, Rejection> {
-    let received_ms = epoch_ms().saturating_sub(received_at.elapsed().as_millis() as u64);
+    let received_ms = flow::epoch_ms_at(received_at);
     if let Some(value) = properties.headers().as_ref().and_then(|h| h.inner().get(DEADLINE_HEADER)) {
         let millis = match value {
             AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),

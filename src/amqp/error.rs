@@ -52,7 +52,27 @@ pub enum AmqpError {
         }
     )]
     AccessRefused { queue: String, reason: String, declaring: bool },
-    #[error("the broker did not confirm a result within {0} ms (amqp.confirm_timeout_ms)")]
+    #[error(
+        "audit stream {stream}: {source} (declare it as a stream with the x-max-age and x-max-length-bytes of \
+         audit.max_age and audit.max_bytes, or set amqp.declare_queues: true; if it exists with other arguments, \
+         delete it or match them; or set audit.enabled: false)"
+    )]
+    AuditStream { stream: String, source: lapin::Error },
+    #[error(
+        "the audit stream {stream} does not exist: the record of job {job_id} came back unroutable, so the job stays \
+         unacknowledged and returns to its queue. Declare the stream (amqp.declare_queues: true declares it at \
+         start-up) or set audit.enabled: false"
+    )]
+    AuditStreamMissing { stream: String, job_id: String },
+    #[error(
+        "the broker refused the record of job {job_id} on the audit stream {stream}, so the job stays \
+         unacknowledged and returns to its queue; the broker's log says why (a disk alarm, a stream without a \
+         leader)"
+    )]
+    AuditRecordRefused { stream: String, job_id: String },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("the broker did not confirm a result or an audit record within {0} ms (amqp.confirm_timeout_ms)")]
     ConfirmTimeout(u64),
     #[error("broker channel failed: {0}")]
     Channel(#[from] lapin::Error),

@@ -1,12 +1,15 @@
 //! RabbitMQ, and the only module that names it: the connection (TLS, certificate login and the
-//! plaintext rule in [`endpoint`]), queue declarations, the job consumer, the confirming
-//! publisher, and the job client of `batchscore submit`.
+//! plaintext rule in [`endpoint`]), queue declarations (the audit stream among them), the job
+//! consumer, the confirming publisher and the audit stream's [`recorder`], and the job client of
+//! `batchscore submit`.
 
 pub mod client;
+mod confirm;
 pub mod consumer;
 pub mod endpoint;
 pub mod error;
 pub mod publisher;
+pub mod recorder;
 
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ pub use self::error::AmqpError;
 use crate::flow::Lane;
 use crate::payload::{self, Sealing};
 pub use crate::settings::redact;
-use crate::settings::AmqpSettings;
+use crate::settings::{AmqpSettings, AuditSettings};
 
 /// What the publisher needs of a delivery, carried through the pipeline as an opaque
 /// [`crate::flow::Delivery`]: where the result goes, how to acknowledge the job once the result is
@@ -111,10 +114,14 @@ pub struct Link {
 }
 
 impl Link {
-    pub async fn open(settings: &AmqpSettings) -> Result<Self, AmqpError> {
+    /// Connects and declares the topology, and the audit stream when the trail is on.
+    pub async fn open(settings: &AmqpSettings, audit: &AuditSettings) -> Result<Self, AmqpError> {
         let connection = connect(settings).await?;
         let consume = consumer_channel(&connection, settings.prefetch).await?;
         declare_topology(&consume, settings).await?;
+        if audit.enabled {
+            declare_audit_stream(&consume, settings, audit).await?;
+        }
         let publish = confirming_channel(&connection).await?;
         tracing::info!(url = %redact(&settings.url), "connected to RabbitMQ");
         Ok(Self { connection, consume, publish })
@@ -212,6 +219,29 @@ pub(crate) fn queue_error(queue: String, declaring: bool, source: lapin::Error) 
 
 /// AMQP's reply code for a refused permission.
 const ACCESS_REFUSED: u16 = 403;
+
+/// Declares (or, with `amqp.declare_queues: false`, checks) the audit stream: a durable stream
+/// keeping records for `audit.max_age`, at most `audit.max_bytes`.
+pub async fn declare_audit_stream(
+    channel: &Channel,
+    amqp: &AmqpSettings,
+    audit: &AuditSettings,
+) -> Result<(), AmqpError> {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    arguments.insert("x-max-age".into(), AMQPValue::LongString(audit.max_age.as_str().into()));
+    // The broker takes any integer type; a signed 64-bit one holds every sensible size.
+    let max_bytes = i64::try_from(audit.max_bytes).unwrap_or(i64::MAX);
+    arguments.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(max_bytes));
+    let options = QueueDeclareOptions { durable: true, passive: !amqp.declare_queues, ..Default::default() };
+    channel.queue_declare(audit.stream.as_str().into(), options, arguments).await.map_err(
+        |source| match queue_error(audit.stream.clone(), amqp.declare_queues, source) {
+            AmqpError::Queue { queue, source } => AmqpError::AuditStream { stream: queue, source },
+            refused => refused,
+        },
+    )?;
+    Ok(())
+}
 
 /// The queue a lane consumes.
 pub fn lane_queue(settings: &AmqpSettings, lane: Lane) -> &str {

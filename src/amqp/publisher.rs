@@ -1,9 +1,10 @@
 //! The result publisher: publishes each result (and, for a job that cannot be scored, a copy
-//! of the job to the dead-letter exchange) with publisher confirms, and acknowledges the job
-//! only once the broker has confirmed everything published for it. Every job's publish, confirm
-//! and acknowledgement run concurrently with the others', so neither a slow confirm nor the
-//! round trip of one frame holds back the jobs behind it. The result of a job that came
-//! encrypted is encrypted here, once, with the job's key, and marked with its headers.
+//! of the job to the dead-letter exchange; with the audit trail on, its record, through the
+//! [`Recorder`]) with publisher confirms, and acknowledges the job only once the broker has
+//! confirmed everything published for it. Every job's publish, confirm and acknowledgement run
+//! concurrently with the others', so neither a slow confirm nor the round trip of one frame holds
+//! back the jobs behind it. The result of a job that came encrypted is encrypted here, once, with
+//! the job's key, and marked with its headers.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -15,9 +16,11 @@ use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::mpsc;
 
+use super::confirm::{confirmed, Confirmed};
+use super::recorder::{Recorder, Recording};
 use super::{AmqpError, Inbound};
 use crate::flow::{Completion, Lane, Outgoing, Rejection};
-use crate::settings::AmqpSettings;
+use crate::settings::{AmqpSettings, AuditSettings};
 use crate::telemetry;
 
 /// Publishes of one result before the job is returned to the queue, when the broker keeps
@@ -43,19 +46,30 @@ struct Settled {
 }
 
 /// Publishes until `results` closes and every job is settled. At most one job per unacknowledged
-/// delivery is in flight, so the prefetch bounds the jobs in here.
+/// delivery is in flight, so the prefetch bounds the jobs in here. With `audit` (the trail on),
+/// each job's record is published here, one at a time in the order the results come, and its
+/// confirm awaited with the result's: a record the stream does not store fails the stage, so the
+/// job is never acknowledged and the next session starts a new chain.
 pub async fn run(
     channel: Channel,
     settings: AmqpSettings,
+    audit: Option<AuditSettings>,
     mut results: mpsc::Receiver<Outgoing>,
 ) -> Result<(), AmqpError> {
     let fallback = ShortString::from(settings.results_queue.as_str());
+    let mut recorder = audit.map(|audit| Recorder::new(channel.clone(), &settings, &audit));
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
             outgoing = results.recv(), if open => match outgoing {
-                Some(outgoing) => in_flight.push(deliver(&channel, &settings, &fallback, outgoing)),
+                Some(outgoing) => {
+                    let recording = match recorder.as_mut() {
+                        Some(recorder) => Some(recorder.record(&outgoing).await?),
+                        None => None,
+                    };
+                    in_flight.push(deliver(&channel, &settings, &fallback, outgoing, recording));
+                }
                 None => open = false,
             },
             Some(delivered) = in_flight.next() => delivered?,
@@ -69,23 +83,34 @@ fn inbound(outgoing: &Outgoing) -> Result<&Inbound, AmqpError> {
     outgoing.delivery.open::<Inbound>().ok_or(AmqpError::ForeignDelivery)
 }
 
-/// Publishes one job's result until the broker settles it, then acknowledges (or returns) the job.
+/// Publishes one job's result until the broker settles it, then acknowledges (or returns) the job;
+/// with its `recording`, only once the record is stored too.
 async fn deliver(
     channel: &Channel,
     settings: &AmqpSettings,
     fallback: &ShortString,
     mut outgoing: Outgoing,
+    recording: Option<Recording>,
 ) -> Result<(), AmqpError> {
     let routing_key = inbound(&outgoing)?.reply_to.clone();
     // Once, before the first attempt: a retried publish sends the same ciphertext.
     if let Some(key) = &outgoing.key {
         outgoing.body = key.seal(&outgoing.body);
     }
-    let mut publication = Publication { outgoing, routing_key, attempt: 1 };
+    let publication = Publication { outgoing, routing_key, attempt: 1 };
+    let timeout = Duration::from_millis(settings.confirm_timeout_ms);
+    let recorded = async move {
+        match recording {
+            Some(recording) => recording.stored(timeout).await,
+            None => Ok(()),
+        }
+    };
+    let result = async { publish(channel, settings, publication).await?.await };
+    let (mut settled, recorded) = tokio::join!(result, recorded);
+    recorded?;
     loop {
-        let settled = publish(channel, settings, publication).await?.await?;
-        match settle(settled, fallback).await? {
-            Some(again) => publication = again,
+        match settle(settled?, fallback).await? {
+            Some(again) => settled = publish(channel, settings, again).await?.await,
             None => return Ok(()),
         }
     }
@@ -185,13 +210,6 @@ async fn publish_dead_letter(
         .await?)
 }
 
-async fn confirmed(confirm: PublisherConfirm, timeout: Duration) -> Result<Confirmation, AmqpError> {
-    match tokio::time::timeout(timeout, confirm).await {
-        Ok(confirmation) => Ok(confirmation?),
-        Err(_) => Err(AmqpError::ConfirmTimeout(timeout.as_millis() as u64)),
-    }
-}
-
 /// What happens to the job behind a settled publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -204,25 +222,6 @@ enum Verdict {
     Retry,
     /// Publish the result again, to the results queue: the reply queue does not exist.
     Redirect,
-}
-
-/// What the broker did with one published message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Confirmed {
-    Stored,
-    /// Returned as unroutable: the queue it was sent to does not exist.
-    Returned,
-    Refused,
-}
-
-impl From<&Confirmation> for Confirmed {
-    fn from(confirmation: &Confirmation) -> Self {
-        match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Confirmed::Stored,
-            Confirmation::Ack(Some(_)) => Confirmed::Returned,
-            Confirmation::Nack(_) => Confirmed::Refused,
-        }
-    }
 }
 
 /// The verdict on a job from the broker's confirms of its result (sent to the results queue or
@@ -305,7 +304,7 @@ fn record_completed(job: &Completion) {
 
 #[cfg(test)]
 mod tests {
-    use super::Confirmed::{Refused, Returned, Stored};
+    use super::super::confirm::Confirmed::{Refused, Returned, Stored};
     use super::*;
 
     #[test]
@@ -333,12 +332,5 @@ mod tests {
             assert_eq!(verdict(Refused, None, false, attempt), Verdict::Retry, "attempt {attempt}");
         }
         assert_eq!(verdict(Refused, None, false, MAX_PUBLISH_ATTEMPTS), Verdict::Requeue);
-    }
-
-    #[test]
-    fn unroutable_and_refused_confirms_are_told_apart() {
-        assert_eq!(Confirmed::from(&Confirmation::Ack(None)), Stored);
-        assert_eq!(Confirmed::from(&Confirmation::NotRequested), Stored);
-        assert_eq!(Confirmed::from(&Confirmation::Nack(None)), Refused);
     }
 }

@@ -1,0 +1,497 @@
+//! The audit trail against the real broker and ONNX Runtime, each test on queues and a stream of
+//! its own: every answered job, ok or error, has exactly one record, whose inputs digest the test
+//! recomputes from the rows it sent; the chain read back from the stream is intact, and the
+//! test's check of it catches a removed and an altered record; deleting the stream under a
+//! running worker stops acknowledgements until the stream is back, and every job is then answered
+//! and recorded; `include_outputs: false` and `include_inputs: true` do what they say. Every
+//! record is checked against schemas/audit-record.schema.json.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use batchscore::settings::Settings;
+use common::{TestWorker, BROKER_PATIENCE};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Values per row of the linear fixture model.
+const FEATURES: usize = 62;
+
+/// Settings with the trail on, on the test's queues and a stream of its own, scoring with
+/// version 1 of the linear fixture model.
+fn audited(test: &str) -> Settings {
+    let repository = common::private_repository("linear", "linear", 1);
+    let mut settings = common::settings(test, &repository);
+    settings.audit.enabled = true;
+    settings.audit.stream = format!("{}.audit", settings.amqp.jobs_queue.trim_end_matches(".jobs"));
+    settings.audit.max_bytes = 100_000_000;
+    settings.audit.worker_id = format!("test-{test}");
+    settings
+}
+
+/// Removes what a test made besides the queues [`TestWorker::stop`] deletes.
+async fn clean_up(settings: &Settings) {
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let _ = channel.queue_delete(settings.audit.stream.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = std::fs::remove_dir_all(&settings.models.repository);
+}
+
+/// A job the test sends, and what its answer must say.
+struct Job {
+    id: String,
+    body: Vec<u8>,
+    /// The rows as the worker scores them; `None` for a job refused before its rows are read.
+    rows: Option<Vec<Vec<f32>>>,
+    /// The error code of its answer; `None`: scored.
+    error: Option<&'static str>,
+}
+
+impl Job {
+    /// An ok job of `rows` rows, its values drawn from `seed`.
+    fn scored(id: String, rows: usize, seed: u64) -> Job {
+        let rows: Vec<Vec<f32>> = (0..rows).map(|r| (0..FEATURES).map(|f| value(seed, r, f)).collect()).collect();
+        let body = serde_json::to_vec(&json!({"job_id": id, "model": "linear", "rows": rows})).expect("JSON");
+        Job { id, body, rows: Some(rows), error: None }
+    }
+
+    /// A job of one of the kinds the worker refuses, by `kind`.
+    fn refused(id: String, kind: u64) -> Job {
+        let (body, error) = match kind % 3 {
+            0 => (json!({"job_id": id, "model": "linear", "rows": [[1.0, 2.0]]}).to_string(), "invalid_input"),
+            1 => (json!({"job_id": id, "model": "no_such_model", "rows": [[1.0]]}).to_string(), "unknown_model"),
+            // The job id of an unreadable body is its message_id.
+            _ => (format!("{{\"job_id\": \"{id}\", not json"), "invalid_json"),
+        };
+        Job { id, body: body.into_bytes(), rows: None, error: Some(error) }
+    }
+
+    /// The mix of a run: most jobs one row, some several, some refused.
+    fn mix(run: &str, n: usize) -> Vec<Job> {
+        (0..n as u64)
+            .map(|i| {
+                let id = format!("{run}-{i:05}");
+                match i % 20 {
+                    0 | 1 => Job::refused(id, i / 20),
+                    2..=5 => Job::scored(id, 2 + (i as usize % 7), i),
+                    _ => Job::scored(id, 1, i),
+                }
+            })
+            .collect()
+    }
+
+    /// sha256 of the rows as little-endian float32, row-major: the record's `inputs_sha256`.
+    fn digest(&self) -> Option<String> {
+        let rows = self.rows.as_ref()?;
+        let bytes: Vec<u8> = rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        Some(hex(&bytes))
+    }
+}
+
+/// A value of row `row`, feature `feature`, that float32 holds exactly or not, by `seed`.
+fn value(seed: u64, row: usize, feature: usize) -> f32 {
+    let x = (seed as f64 * 0.618_033_988_75 + row as f64 * 1.7 + feature as f64 * 0.31).sin();
+    (x * 10f64.powi(feature as i32 % 4)) as f32
+}
+
+fn hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Sends jobs to a worker and keeps every result body, raw, by job id.
+struct Sender {
+    _connection: Connection,
+    channel: Channel,
+    jobs_queue: String,
+    reply_queue: String,
+    replies: lapin::Consumer,
+    results: HashMap<String, Vec<Vec<u8>>>,
+}
+
+impl Sender {
+    async fn new(settings: &Settings) -> Sender {
+        let connection = common::connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(Default::default()).await.expect("confirms");
+        let reply_queue = format!("{}.replies", settings.amqp.jobs_queue);
+        let private = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        channel.queue_declare(reply_queue.as_str().into(), private, FieldTable::default()).await.expect("reply queue");
+        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let replies = channel
+            .basic_consume(reply_queue.as_str().into(), "".into(), no_ack, FieldTable::default())
+            .await
+            .expect("consume replies");
+        let jobs_queue = settings.amqp.jobs_queue.clone();
+        Sender { _connection: connection, channel, jobs_queue, reply_queue, replies, results: HashMap::new() }
+    }
+
+    /// Publishes `jobs` and waits for the broker to confirm them all.
+    async fn send(&self, jobs: &[Job]) {
+        let mut confirms = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(job.id.as_str().into())
+                .with_correlation_id(format!("corr-{}", job.id).into())
+                .with_app_id("audit-test".into())
+                .with_reply_to(self.reply_queue.as_str().into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    self.jobs_queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &job.body,
+                    properties,
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = tokio::time::timeout(BROKER_PATIENCE, confirm).await.expect("confirmed in time");
+            assert!(confirmation.expect("confirm").is_ack(), "the broker refused a job");
+        }
+    }
+
+    /// Receives results until every job of `jobs` has one.
+    async fn answers(&mut self, jobs: &[Job]) {
+        let started = Instant::now();
+        let missing =
+            |results: &HashMap<String, Vec<Vec<u8>>>| jobs.iter().filter(|j| !results.contains_key(&j.id)).count();
+        while missing(&self.results) > 0 {
+            let left = BROKER_PATIENCE.saturating_sub(started.elapsed());
+            let delivery = tokio::time::timeout(left, self.replies.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{} jobs without a result after {BROKER_PATIENCE:?}", missing(&self.results))
+                })
+                .expect("reply stream open")
+                .expect("delivery");
+            let result: Value = serde_json::from_slice(&delivery.data).expect("a result is JSON");
+            let id = result["job_id"].as_str().expect("every job of these tests has a job id").to_string();
+            self.results.entry(id).or_default().push(delivery.data);
+        }
+    }
+
+    /// The first result of job `id`.
+    fn result(&self, id: &str) -> &[u8] {
+        &self.results[id][0]
+    }
+}
+
+/// An audit record as the stream holds it.
+struct Record {
+    body: Vec<u8>,
+    json: Value,
+}
+
+impl Record {
+    fn str(&self, member: &str) -> Option<&str> {
+        self.json[member].as_str()
+    }
+}
+
+/// A consumer of `stream` from its first record, on a connection of its own. A stream is read
+/// with a prefetch, manual acknowledgements and an offset.
+async fn subscribe(stream: &str) -> (Connection, lapin::Consumer) {
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    let deliveries = channel
+        .basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments)
+        .await
+        .expect("consume the stream");
+    (connection, deliveries)
+}
+
+/// The next message of a stream subscription, acknowledged; `waiting` says what the test waited
+/// for when none comes within `patience`.
+async fn next_message(
+    deliveries: &mut lapin::Consumer,
+    patience: Duration,
+    waiting: impl FnOnce() -> String,
+) -> lapin::message::Delivery {
+    let delivery = tokio::time::timeout(patience, deliveries.next())
+        .await
+        .unwrap_or_else(|_| panic!("{}", waiting()))
+        .expect("stream open")
+        .expect("delivery");
+    delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    delivery
+}
+
+/// Every record of `stream`, first to last, each checked against the record schema. The worker
+/// has stopped, so nothing follows the marker the test appends to find the end.
+async fn read_stream(stream: &str) -> Vec<Record> {
+    let schema_text = std::fs::read(common::root().join("schemas/audit-record.schema.json")).expect("record schema");
+    let schema = jsonschema::validator_for(&serde_json::from_slice(&schema_text).expect("schema is JSON"))
+        .expect("schema compiles");
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(Default::default()).await.expect("confirms");
+    let end = uuid::Uuid::new_v4().to_string();
+    let marker = BasicProperties::default().with_type("test.end".into()).with_message_id(end.as_str().into());
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            stream.into(),
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            b"{}",
+            marker,
+        )
+        .await
+        .expect("publish the end marker");
+    let confirmation =
+        tokio::time::timeout(BROKER_PATIENCE, confirm).await.expect("confirmed in time").expect("confirm");
+    assert!(matches!(confirmation, lapin::Confirmation::Ack(None)), "the stream {stream} takes the end marker");
+    let (_subscription, mut deliveries) = subscribe(stream).await;
+    let mut records = Vec::new();
+    loop {
+        let end_not_reached = || format!("the end of {stream} not reached after {} records", records.len());
+        let delivery = next_message(&mut deliveries, BROKER_PATIENCE, end_not_reached).await;
+        if delivery.properties.message_id().as_ref().map(|m| m.as_str()) == Some(end.as_str()) {
+            return records;
+        }
+        assert_eq!(delivery.properties.kind().as_ref().map(|t| t.as_str()), Some("scoring.audit"));
+        let json: Value = serde_json::from_slice(&delivery.data).expect("a record is JSON");
+        if let Err(error) = schema.validate(&json) {
+            panic!("record does not match schemas/audit-record.schema.json: {error}\n{json}");
+        }
+        records.push(Record { body: delivery.data, json });
+    }
+}
+
+/// The jobs ready in the test's jobs queue: neither acknowledged nor held by a worker.
+async fn ready_jobs(channel: &Channel, settings: &Settings) -> usize {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let queue = settings.amqp.jobs_queue.as_str();
+    channel.queue_declare(queue.into(), passive, FieldTable::default()).await.expect("jobs queue").message_count()
+        as usize
+}
+
+/// Consumes `stream` from its first record until records of all jobs `ids` are in it.
+async fn wait_for_records(stream: &str, mut ids: HashSet<&str>) {
+    let (_connection, mut deliveries) = subscribe(stream).await;
+    let started = Instant::now();
+    while !ids.is_empty() {
+        let left = BROKER_PATIENCE.saturating_sub(started.elapsed());
+        let delivery =
+            next_message(&mut deliveries, left, || format!("{} jobs without a record in {stream}", ids.len())).await;
+        let record: Value = serde_json::from_slice(&delivery.data).expect("a record is JSON");
+        ids.remove(record["job_id"].as_str().unwrap_or_default());
+    }
+}
+
+/// Checks every chain in `records` (stream order): each starts at seq 0 without a previous
+/// record, and each next record has the next seq and the sha256 of the previous body. Returns the
+/// number of chains, or what breaks one.
+fn verify_chains(records: &[Record]) -> Result<usize, String> {
+    let mut last: HashMap<&str, (u64, String)> = HashMap::new();
+    for record in records {
+        let chain = record.str("chain_id").ok_or("a record without chain_id")?;
+        let seq = record.json["seq"].as_u64().ok_or("a record without seq")?;
+        let prev = record.str("prev_sha256");
+        match last.get(chain) {
+            None if seq == 0 && prev.is_none() => {}
+            None => return Err(format!("chain {chain} starts at seq {seq} (prev {prev:?}), not at 0")),
+            Some((before, _)) if seq != before + 1 => {
+                return Err(format!("chain {chain}: seq {seq} follows seq {before}"));
+            }
+            Some((_, digest)) if prev != Some(digest.as_str()) => {
+                return Err(format!("chain {chain}: seq {seq} names {prev:?}, the previous record is {digest}"));
+            }
+            Some(_) => {}
+        }
+        last.insert(chain, (seq, hex(&record.body)));
+    }
+    Ok(last.len())
+}
+
+/// The records by job id.
+fn by_job(records: &[Record]) -> HashMap<&str, Vec<&Record>> {
+    let mut jobs: HashMap<&str, Vec<&Record>> = HashMap::new();
+    for record in records {
+        jobs.entry(record.str("job_id").expect("these tests' jobs all have ids")).or_default().push(record);
+    }
+    jobs
+}
+
+/// The `outputs` member of a result body, exactly as the body holds it.
+fn raw_outputs(result: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        outputs: &'a RawValue,
+    }
+    serde_json::from_slice::<Body>(result).expect("an ok result has outputs").outputs.get().to_string()
+}
+
+/// Checks `record` says what `job` and its `result` say, outputs aside: a job answered twice may
+/// differ in the last bits of its scores, batched with other jobs.
+fn check_record(record: &Record, job: &Job, result: &[u8], settings: &Settings) {
+    let r = &record.json;
+    assert_eq!(r["worker_id"], settings.audit.worker_id.as_str());
+    assert_eq!((r["queue"].as_str(), r["lane"].as_str()), (Some(settings.amqp.jobs_queue.as_str()), Some("online")));
+    assert_eq!(r["correlation_id"], format!("corr-{}", job.id));
+    assert_eq!(r["app_id"], "audit-test");
+    assert_eq!(r["inputs_sha256"].as_str().map(str::to_string), job.digest(), "{}: inputs digest", job.id);
+    assert!(r["received_ms"].as_u64() <= r["scored_ms"].as_u64(), "{r}");
+    match job.error {
+        None => {
+            assert_eq!((r["status"].as_str(), r["error_code"].as_str()), (Some("ok"), None), "{r}");
+            assert_eq!((r["model"].as_str(), r["version"].as_u64()), (Some("linear"), Some(1)));
+            let parsed: Value = serde_json::from_slice(result).expect("JSON");
+            assert_eq!(r["model_sha256"], parsed["model_sha256"]);
+            assert!(r["batch_id"].as_u64().is_some(), "a scored job names its run: {r}");
+        }
+        Some(code) => {
+            assert_eq!((r["status"].as_str(), r["error_code"].as_str()), (Some("error"), Some(code)), "{r}");
+            assert!(r["outputs_sha256"].is_null() && r["batch_id"].is_null(), "{r}");
+        }
+    }
+}
+
+/// Runs a worker on `settings` until it has answered `jobs`, stops it (every job acknowledged),
+/// and returns the results and the records.
+async fn answer_and_record(settings: &Settings, jobs: &[Job]) -> (Sender, Vec<Record>) {
+    let worker = TestWorker::start(settings.clone()).await;
+    let mut sender = Sender::new(settings).await;
+    sender.send(jobs).await;
+    sender.answers(jobs).await;
+    assert_eq!(worker.stop().await, 0, "every job acknowledged");
+    (sender, read_stream(&settings.audit.stream).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answered_job_has_exactly_one_record_with_its_inputs_digest() {
+    let settings = audited("audit-every");
+    let jobs = Job::mix("every", 3000);
+    let (sender, records) = answer_and_record(&settings, &jobs).await;
+    let recorded = by_job(&records);
+    assert_eq!(records.len(), jobs.len(), "one record per job");
+    for job in &jobs {
+        let records = &recorded.get(job.id.as_str()).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(records.len(), 1, "{}: {} records", job.id, records.len());
+        let result = sender.result(&job.id);
+        check_record(records[0], job, result, &settings);
+        if job.error.is_none() {
+            // The default keeps the outputs, exactly as the result has them.
+            assert_eq!(records[0].json["outputs_sha256"], hex(raw_outputs(result).as_bytes()), "{}", job.id);
+            let outputs = records[0].json["outputs"].to_string();
+            let from_result: Value = serde_json::from_str(&raw_outputs(result)).expect("outputs");
+            assert_eq!(outputs, from_result.to_string(), "{}", job.id);
+            assert!(records[0].json.get("inputs").is_none(), "inputs are off by default");
+        }
+    }
+    let errors = jobs.iter().filter(|j| j.error.is_some()).count();
+    assert!(errors >= 100 && jobs.iter().any(|j| j.rows.as_ref().is_some_and(|r| r.len() > 1)), "a real mix");
+    clean_up(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_read_back_is_intact_and_its_check_catches_tampering() {
+    let settings = audited("audit-chain");
+    let jobs = Job::mix("chain", 300);
+    let (_, mut records) = answer_and_record(&settings, &jobs).await;
+    assert_eq!(records.len(), jobs.len());
+    assert_eq!(verify_chains(&records), Ok(1), "one worker session, one chain");
+    assert_eq!(records[0].json["seq"], 0);
+    assert_eq!(records.last().map(|r| r.json["seq"].clone()), Some(json!(jobs.len() - 1)));
+
+    // The check can fail: a removed record, and an altered one.
+    let removed = records.remove(150);
+    let error = verify_chains(&records).expect_err("a removed record breaks the chain");
+    assert!(error.contains("seq 151 follows seq 149"), "{error}");
+    records.insert(150, removed);
+    let altered = String::from_utf8(records[42].body.clone()).expect("UTF-8").replacen("\"seq\":42", "\"seq\":42 ", 1);
+    records[42].body = altered.into_bytes();
+    let error = verify_chains(&records).expect_err("an altered record breaks the chain");
+    assert!(error.contains("seq 43 names"), "{error}");
+    clean_up(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_stream_no_job_is_acknowledged_until_the_stream_is_back() {
+    let mut settings = audited("audit-outage");
+    settings.amqp.reconnect_max_backoff_ms = 500;
+    // The test owns the topology, so the worker cannot declare the stream back itself.
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    batchscore::amqp::declare_topology(&channel, &settings.amqp).await.expect("topology");
+    batchscore::amqp::declare_audit_stream(&channel, &settings.amqp, &settings.audit).await.expect("stream");
+    let owner = settings.amqp.clone();
+    settings.amqp.declare_queues = false;
+    let worker = TestWorker::start(settings.clone()).await;
+    let mut sender = Sender::new(&settings).await;
+    let before = Job::mix("before", 50);
+    sender.send(&before).await;
+    sender.answers(&before).await;
+
+    channel.queue_delete(settings.audit.stream.as_str().into(), QueueDeleteOptions::default()).await.expect("deleted");
+    let during = Job::mix("during", 100);
+    sender.send(&during).await;
+    // Every job comes back to the queue, none acknowledged without its record (a job of before
+    // whose record was still on its way may come back too).
+    let waiting = || ready_jobs(&channel, &settings);
+    let started = Instant::now();
+    while waiting().await < during.len() {
+        assert!(started.elapsed() < BROKER_PATIENCE, "{} of {} jobs back in the queue", waiting().await, during.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!common::is_ready(worker.metrics).await, "a worker that cannot record is not ready");
+
+    batchscore::amqp::declare_audit_stream(&channel, &owner, &settings.audit).await.expect("stream again");
+    let ids: HashSet<&str> = during.iter().map(|job| job.id.as_str()).collect();
+    wait_for_records(&settings.audit.stream, ids).await;
+    let started = Instant::now();
+    while waiting().await > 0 {
+        assert!(started.elapsed() < BROKER_PATIENCE, "{} jobs still waiting in the queue", waiting().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sender.answers(&during).await;
+    assert_eq!(worker.stop().await, 0, "every job acknowledged once recorded");
+    let records = read_stream(&settings.audit.stream).await;
+    let recorded = by_job(&records);
+    for job in &during {
+        let records = recorded.get(job.id.as_str()).unwrap_or_else(|| panic!("{} answered without a record", job.id));
+        for record in records {
+            check_record(record, job, sender.result(&job.id), &settings);
+        }
+    }
+    // A result of a job whose record failed may have gone out before; none without a record now.
+    assert!(sender.results.keys().all(|id| id.starts_with("before") || recorded.contains_key(id.as_str())));
+    verify_chains(&records).expect("the chains in the new stream are intact");
+    drop(connection);
+    clean_up(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_hold_the_inputs_and_only_the_outputs_digest_when_set_so() {
+    let mut settings = audited("audit-privacy");
+    settings.audit.include_outputs = false;
+    settings.audit.include_inputs = true;
+    let jobs: Vec<Job> = (0..20).map(|i| Job::scored(format!("privacy-{i:02}"), 1 + i % 4, i as u64)).collect();
+    let (sender, records) = answer_and_record(&settings, &jobs).await;
+    let recorded = by_job(&records);
+    for job in &jobs {
+        let record = &recorded[job.id.as_str()][0].json;
+        assert!(record.get("outputs").is_none(), "{record}");
+        let result = sender.result(&job.id);
+        assert_eq!(record["outputs_sha256"], hex(raw_outputs(result).as_bytes()), "{}", job.id);
+        let inputs: Vec<Vec<f32>> = serde_json::from_value(record["inputs"].clone()).expect("rows of numbers");
+        assert_eq!(Some(&inputs), job.rows.as_ref(), "{}: the rows as scored", job.id);
+    }
+    clean_up(&settings).await;
+}
