@@ -5,8 +5,8 @@
 //! (ONNX Runtime in `.onnxruntime/` and a broker at `BATCHSCORE__AMQP__URL`, default the local
 //! one). `BENCH_SCALE=0.1` shrinks job counts and durations for a quick check. The report goes to
 //! `target/bench/e2e.md` (or `BENCH_REPORT`) and to stdout; worker logs to `target/bench/logs/`.
-//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised, explain, security) runs
-//! only those phases.
+//! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised, explain, security,
+//! audit) runs only those phases.
 //! `BATCHSCORE__<SECTION>__<KEY>` variables reach every worker and the in-process model, and the
 //! Python workers get the same prefetch, batching and thread settings, so one can compare, say,
 //! `BATCHSCORE__INFERENCE__INTRA_THREADS=1` runs.
@@ -28,9 +28,13 @@
 //! single-row explained jobs at a fixed rate (`benches/e2e/explained.rs`). Then security: (c)
 //! draining 1-row and 100-row jobs over `amqps://` and over `amqp://` of one private RabbitMQ node,
 //! in alternating rounds (`benches/e2e/security.rs`; the node and its certificates come from the
-//! test suite's harness, so this phase needs root or user rabbitmq, like the tests). Every
+//! test suite's harness, so this phase needs root or user rabbitmq, like the tests). Last, the
+//! audit trail: (c) draining 1-row and 100-row jobs with `audit.enabled` off and on, in alternating
+//! rounds, each audit-on drain recording to a stream of its own (`benches/e2e/audit.rs`). Every
 //! measurement runs on its own uniquely named queues, which are deleted at the end.
 
+#[path = "e2e/audit.rs"]
+mod audit;
 #[path = "e2e/broker.rs"]
 mod broker;
 #[path = "e2e/engine.rs"]
@@ -47,6 +51,8 @@ mod report;
 mod scenarios;
 #[path = "e2e/security.rs"]
 mod security;
+#[path = "e2e/variants.rs"]
+mod variants;
 #[path = "e2e/workers.rs"]
 mod workers;
 
@@ -125,6 +131,9 @@ async fn run() -> Result<bool> {
     if phase_wanted("security") {
         report.security = Some(security::compare(&bench).await);
     }
+    if phase_wanted("audit") {
+        report.audit = Some(audit::compare(&bench).await);
+    }
     bench.cleanup().await;
     let text = report.render();
     let path = bench.report_path();
@@ -199,14 +208,23 @@ impl Bench {
 
     /// Fresh queue names for one measurement, remembered for the final clean-up.
     pub fn topology(&self, tag: &str, bulk_lane: bool) -> Topology {
-        let topology = Topology::new(&self.settings.amqp, &format!("bench.e2e.{}.{tag}", self.run_id), bulk_lane);
+        self.remember(Topology::new(&self.settings.amqp, &format!("bench.e2e.{}.{tag}", self.run_id), bulk_lane))
+    }
+
+    /// [`Bench::topology`] without a bulk lane, with an audit stream of its own.
+    pub fn audited_topology(&self, tag: &str) -> Topology {
+        let topology = Topology::new(&self.settings.amqp, &format!("bench.e2e.{}.{tag}", self.run_id), false);
+        self.remember(topology.with_audit_stream())
+    }
+
+    fn remember(&self, topology: Topology) -> Topology {
         if let Ok(mut all) = self.topologies.lock() {
             all.push(topology.clone());
         }
         topology
     }
 
-    /// Deletes every queue and exchange this run declared.
+    /// Deletes every queue, stream and exchange this run declared.
     async fn cleanup(&self) {
         let all = self.topologies.lock().map(|all| all.clone()).unwrap_or_default();
         for topology in &all {
@@ -235,7 +253,7 @@ fn scale_from_env() -> Result<f64> {
 }
 
 /// `BENCH_ONLY=lanes,quantised` runs only the named phases (drains, open-loop, lanes, quantised,
-/// explain, security).
+/// explain, security, audit).
 fn phase_wanted(phase: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == phase))
 }

@@ -27,6 +27,8 @@ const SPOT_JOBS: usize = 10;
 const SPOT_ROWS: usize = 5;
 /// Float32 scores may differ in their last bits with the batch they ran in.
 const SPOT_TOLERANCE: f64 = 1e-5;
+/// How often [`Broker::message_count`] asks again.
+const COUNT_POLL: Duration = Duration::from_millis(250);
 
 /// The queues and exchange of one measurement, named like the worker's settings.
 #[derive(Debug, Clone)]
@@ -36,6 +38,8 @@ pub struct Topology {
     pub amqp: AmqpSettings,
     /// The bulk lane's jobs queue, for workers that have one.
     pub bulk_queue: Option<String>,
+    /// The audit stream of a worker with the audit trail on, which the worker declares.
+    pub audit_stream: Option<String>,
 }
 
 impl Topology {
@@ -47,7 +51,13 @@ impl Topology {
             dead_letter_queue: format!("{prefix}.dlq"),
             ..base.clone()
         };
-        Self { prefix: prefix.to_string(), amqp, bulk_queue: bulk_lane.then(|| format!("{prefix}.bulk")) }
+        let bulk_queue = bulk_lane.then(|| format!("{prefix}.bulk"));
+        Self { prefix: prefix.to_string(), amqp, bulk_queue, audit_stream: None }
+    }
+
+    /// These queues and an audit stream of their own, `<prefix>.audit`.
+    pub fn with_audit_stream(self) -> Self {
+        Self { audit_stream: Some(self.name("audit")), ..self }
     }
 
     /// A further name of this measurement, e.g. for a reply queue.
@@ -104,12 +114,12 @@ impl Broker {
         Ok(())
     }
 
-    /// Removes a measurement's queues and exchange; what is already gone is ignored. A channel
-    /// per operation, as a refused one closes its channel.
+    /// Removes a measurement's queues, stream and exchange; what is already gone is ignored. A
+    /// channel per operation, as a refused one closes its channel.
     pub async fn delete(&self, topology: &Topology) {
         let amqp = &topology.amqp;
         let queues = [&amqp.jobs_queue, &amqp.results_queue, &amqp.dead_letter_queue];
-        for queue in queues.into_iter().chain(&topology.bulk_queue) {
+        for queue in queues.into_iter().chain(&topology.bulk_queue).chain(&topology.audit_stream) {
             if let Ok(channel) = self.publishing.create_channel().await {
                 let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
                 let _ = channel.close(200, "deleted".into()).await;
@@ -118,6 +128,23 @@ impl Broker {
         if let Ok(channel) = self.publishing.create_channel().await {
             let _ = channel.exchange_delete(amqp.dead_letter_exchange.as_str().into(), Default::default()).await;
             let _ = channel.close(200, "deleted".into()).await;
+        }
+    }
+
+    /// The messages in `queue` (a passive declare), waiting up to `within` for them to reach
+    /// `expected`: a stream's count is the broker's statistics, which lag its writes by seconds.
+    pub async fn message_count(&self, queue: &str, expected: u32, within: Duration) -> Result<u32> {
+        let deadline = Instant::now() + within;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        loop {
+            let channel = self.publishing.create_channel().await.context("opening a channel")?;
+            let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await;
+            let count = declared.with_context(|| format!("{queue} is not there"))?.message_count();
+            let _ = channel.close(200, "counted".into()).await;
+            if count >= expected || Instant::now() >= deadline {
+                return Ok(count);
+            }
+            tokio::time::sleep(COUNT_POLL).await;
         }
     }
 

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::audit::AuditReport;
 use crate::engine::EngineRun;
 use crate::explained::{self, ExplainReport};
 use crate::quantised::QuantisedReport;
@@ -12,6 +13,7 @@ use crate::scenarios::{
     self, Drain, DrainReport, Lanes, Latency, Measured, LANES_RATE, LANES_SECONDS, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS,
 };
 use crate::security::SecurityReport;
+use crate::variants::Comparison;
 use crate::workers::Kind;
 use crate::Bench;
 
@@ -27,6 +29,7 @@ pub struct Report {
     pub quantised: Option<QuantisedReport>,
     pub explain: Option<ExplainReport>,
     pub security: Option<SecurityReport>,
+    pub audit: Option<AuditReport>,
 }
 
 impl Report {
@@ -62,6 +65,7 @@ impl Report {
             quantised: None,
             explain: None,
             security: None,
+            audit: None,
         }
     }
 
@@ -77,6 +81,7 @@ impl Report {
             || self.quantised.as_ref().is_some_and(QuantisedReport::has_failures)
             || self.explain.as_ref().is_some_and(ExplainReport::has_failures)
             || self.security.as_ref().is_some_and(SecurityReport::has_failures)
+            || self.audit.as_ref().is_some_and(AuditReport::has_failures)
     }
 
     pub fn render(&self) -> String {
@@ -99,6 +104,9 @@ impl Report {
         }
         if let Some(security) = &self.security {
             security.render(&mut out);
+        }
+        if let Some(audit) = &self.audit {
+            audit.render(&mut out);
         }
         out
     }
@@ -167,7 +175,10 @@ impl Report {
             explain_targets(explain, &mut targets);
         }
         if let Some(security) = &self.security {
-            security_targets(security, &mut targets);
+            variant_targets("Security", &security.comparisons, &mut targets);
+        }
+        if let Some(audit) = &self.audit {
+            variant_targets("Audit trail", &audit.comparisons, &mut targets);
         }
         targets
     }
@@ -388,14 +399,14 @@ fn explain_targets(explain: &ExplainReport, targets: &mut Vec<Target>) {
     }
 }
 
-/// Each variant's rows/s ÷ the baseline's, per job size, for the variants that have a goal.
-fn security_targets(security: &SecurityReport, targets: &mut Vec<Target>) {
-    for c in &security.comparisons {
-        let baseline = c.runs[0].0;
+/// Each variant's rows/s ÷ the baseline's, per job size, of a phase of variants (`phase` names it).
+fn variant_targets<S>(phase: &str, comparisons: &[Comparison<S>], targets: &mut Vec<Target>) {
+    for c in comparisons {
+        let baseline = &c.runs[0].0;
         for (v, (variant, _)) in c.runs.iter().enumerate().skip(1) {
             let plural = if c.rows_per_job == 1 { "" } else { "s" };
             let check = format!(
-                "Security, {}-row job{plural}: {} ÷ {} (rows/s, medians)",
+                "{phase}, {}-row job{plural}: {} ÷ {} (rows/s, medians)",
                 c.rows_per_job, variant.key, baseline.key
             );
             let goal = variant.goal.map_or(Goal::Documented, Goal::AtLeast);

@@ -6,13 +6,14 @@
 //!
 //! For 1-row and 100-row jobs of the demo model, the same number of jobs is drained once per
 //! variant in each of [`ROUNDS`] rounds, the variants alternating (amqp, amqps, amqp, amqps, …),
-//! each drain by a fresh worker, timed from its readiness to the last result. The driver publishes
-//! jobs and reads results over the node's plaintext listener in every variant, so that only the
-//! worker's connection differs. The report gives each variant's median with its min–max spread,
-//! and its ratio to the first variant, the baseline.
+//! each drain by a fresh worker, timed from its readiness to the last result
+//! (`benches/e2e/variants.rs`). The driver publishes jobs and reads results over the node's
+//! plaintext listener in every variant, so that only the worker's connection differs. The report
+//! gives each variant's median with its min–max spread, and its ratio to the first variant, the
+//! baseline.
 //!
-//! A variant is one [`Variant`]: a key, a label, its goal against the baseline, the worker
-//! settings it takes on the node, and whether its jobs travel sealed. Payload encryption is the
+//! A variant is one [`Variant`]: a key, a label, its goal against the baseline, and its [`Setup`]:
+//! the worker settings it takes on the node, and whether its jobs travel sealed. Payload encryption is the
 //! plaintext connection with `security.payload_keys` set: the driver seals each job (AES-256-GCM,
 //! with the `x-encryption` and `x-key-id` headers, as `submit --key-file` does) before the
 //! pre-fill, and opens each result before checking it, so the worker opens every job and seals
@@ -20,59 +21,51 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Mutex;
 
 use anyhow::{anyhow, Context, Result};
 use batchscore::payload::PayloadKey;
 
-use crate::broker::{Broker, Expectation, Topology};
+use crate::broker::{Broker, Topology};
 use crate::certificates::Authority;
 use crate::private_broker::{BrokerOptions, PrivateBroker};
-use crate::report::{goal_cell, not_done, spread_cell, thousands, two_places, Spread};
-use crate::scenarios::{self, cpu_seconds, Drain, Measured};
-use crate::workers::{Kind, Worker};
-use crate::{jobs, progress, Bench, Skip, PHASE_TIMEOUT};
+use crate::report::not_done;
+use crate::scenarios::{self, Measured};
+use crate::variants::{self, Comparison, Plan, Run, ROUNDS};
+use crate::{Bench, Skip};
 
-/// Drains per variant and job size.
-pub const ROUNDS: usize = 3;
-/// Jobs per drain at `BENCH_SCALE=1`, and their rows: as the pre-filled scenarios.
-const SIZES: [(usize, usize); 2] = [(20_000, 1), (2_000, 100)];
 /// The broker user of the TLS worker's client certificate.
 const CERTIFICATE_USER: &str = "bench-worker";
 
-/// One way of running the worker against the node.
+/// How a variant runs the worker against the node.
 #[derive(Debug, Clone, Copy)]
-pub struct Variant {
-    pub key: &'static str,
-    pub label: &'static str,
-    /// Rows/s ÷ the baseline's (the first variant) the spec asks for; `None` for the baseline.
-    pub goal: Option<f64>,
+pub struct Setup {
     /// The worker's `BATCHSCORE__…` settings for this variant, besides its queues.
     worker_env: fn(&Node) -> Vec<(&'static str, String)>,
     /// Jobs and results travel sealed with the node's payload key.
     sealed: bool,
 }
 
+/// One way of running the worker against the node.
+pub type Variant = variants::Variant<Setup>;
+
 pub const PLAINTEXT: Variant = Variant {
     key: "amqp",
     label: "amqp:// (plaintext, loopback)",
     goal: None,
-    worker_env: Node::plaintext_env,
-    sealed: false,
+    setup: Setup { worker_env: Node::plaintext_env, sealed: false },
 };
 pub const TLS: Variant = Variant {
     key: "amqps",
     label: "amqps:// (TLS, certificate login)",
     goal: Some(0.8),
-    worker_env: Node::tls_env,
-    sealed: false,
+    setup: Setup { worker_env: Node::tls_env, sealed: false },
 };
 pub const SEALED: Variant = Variant {
     key: "sealed",
     label: "amqp://, payloads sealed (AES-256-GCM)",
     goal: Some(0.8),
-    worker_env: Node::sealed_env,
-    sealed: true,
+    setup: Setup { worker_env: Node::sealed_env, sealed: true },
 };
 /// In the order they alternate; the first is the baseline.
 pub const VARIANTS: [Variant; 3] = [PLAINTEXT, TLS, SEALED];
@@ -81,59 +74,12 @@ const PAYLOAD_KEY_ID: &str = "bench";
 /// The payload key's file in the node's certificate folder.
 const PAYLOAD_KEY_FILE: &str = "payload.key";
 
-/// One drain and the CPU time the worker and the node used meanwhile.
-pub struct Run {
-    pub drain: Drain,
-    /// CPU seconds (user + system) of the worker, then of the node, over the drain.
-    cpu: [Option<f64>; 2],
-}
-
-impl Run {
-    /// CPU milliseconds of process `p` per 1,000 rows.
-    fn cpu_ms_per_1k_rows(&self, p: usize) -> Option<f64> {
-        self.cpu[p].map(|s| s * 1e6 / self.drain.rows.max(1) as f64)
-    }
-}
-
-/// One job size: every variant's drains, in the order they ran.
-pub struct Comparison {
-    pub jobs: usize,
-    pub rows_per_job: usize,
-    /// Per variant, in [`VARIANTS`] order.
-    pub runs: Vec<(Variant, Vec<Measured<Run>>)>,
-}
-
-impl Comparison {
-    fn spread(runs: &[Measured<Run>], figure: impl Fn(&Run) -> Option<f64>) -> Option<Spread> {
-        Spread::of(runs.iter().filter_map(Measured::done).filter_map(figure).collect())
-    }
-
-    pub fn rows_per_s(&self, variant: usize) -> Option<Spread> {
-        Self::spread(&self.runs[variant].1, |r| Some(r.drain.rows_per_s()))
-    }
-
-    /// Variant `variant` ÷ the baseline, of the medians of rows/s.
-    pub fn ratio(&self, variant: usize) -> Option<f64> {
-        let (this, baseline) = (self.rows_per_s(variant)?, self.rows_per_s(0)?);
-        (baseline.median > 0.0).then(|| this.median / baseline.median)
-    }
-
-    fn has_failures(&self) -> bool {
-        self.runs.iter().flat_map(|(_, runs)| runs).any(Measured::is_failed)
-    }
-
-    fn title(&self) -> String {
-        let plural = if self.rows_per_job == 1 { "" } else { "s" };
-        format!("{} jobs × {} row{plural}", thousands(self.jobs as f64), self.rows_per_job)
-    }
-}
-
 pub struct SecurityReport {
     /// The node, or why there is none.
     pub node: Measured<()>,
     /// The TLS session the worker had (protocol and cipher, as the node lists them).
     pub session: Option<String>,
-    pub comparisons: Vec<Comparison>,
+    pub comparisons: Vec<Comparison<Setup>>,
 }
 
 impl SecurityReport {
@@ -254,29 +200,12 @@ pub async fn compare(bench: &Bench) -> SecurityReport {
             return report;
         }
     };
-    for (jobs, rows_per_job) in SIZES {
-        let jobs = bench.count(jobs);
-        let mut comparison =
-            Comparison { jobs, rows_per_job, runs: VARIANTS.iter().map(|variant| (*variant, Vec::new())).collect() };
-        for round in 1..=ROUNDS {
-            for (v, variant) in VARIANTS.iter().enumerate() {
-                let what = format!("security, {}, {} {round} of {ROUNDS}", comparison.title(), variant.key);
-                let drain = drain(bench, &node, variant, jobs, rows_per_job, round, &mut report.session);
-                comparison.runs[v].1.push(scenarios::measure(&what, drain).await);
-            }
-        }
-        for (v, variant) in VARIANTS.iter().enumerate().skip(1) {
-            if let Some(ratio) = comparison.ratio(v) {
-                progress(&format!(
-                    "security, {}: {} ÷ {} {ratio:.2}",
-                    comparison.title(),
-                    variant.key,
-                    VARIANTS[0].key
-                ));
-            }
-        }
-        report.comparisons.push(comparison);
-    }
+    let session = Mutex::new(None);
+    report.comparisons = variants::compare(bench, "security", &VARIANTS, |variant, jobs, rows_per_job, round| {
+        drain(bench, &node, variant, jobs, rows_per_job, round, &session)
+    })
+    .await;
+    report.session = session.into_inner().ok().flatten();
     node.stop().await;
     report
 }
@@ -286,48 +215,33 @@ pub async fn compare(bench: &Bench) -> SecurityReport {
 async fn drain(
     bench: &Bench,
     node: &Node,
-    variant: &Variant,
+    variant: Variant,
     jobs: usize,
     rows_per_job: usize,
     round: usize,
-    session: &mut Option<String>,
+    session: &Mutex<Option<String>>,
 ) -> Result<Run> {
     let name = format!("s-{rows_per_job}rows-{}-{round}", variant.key);
     let topology = Topology::new(&bench.settings.amqp, &format!("bench.security.{name}"), false);
-    node.driver.declare(&topology).await?;
-    let mut replies = node.driver.replies(&topology.name("replies")).await?;
-    let collector = replies.collect(Expectation {
-        label: name.clone(),
+    let unseen = session.lock().is_ok_and(|seen| seen.is_none());
+    let plan = Plan {
+        name,
+        driver: &node.driver,
+        topology: &topology,
         jobs,
         rows_per_job,
-        reference: Some(bench.reference.clone()),
-        key: variant.sealed.then(|| node.payload_key.clone()),
-        deadline: Instant::now() + PHASE_TIMEOUT,
-    })?;
-    let mut batch = jobs::build(&bench.samples, jobs::MODEL, "job", jobs, rows_per_job);
-    if variant.sealed {
-        batch = jobs::seal(batch, &node.payload_key);
-    }
-    let publisher = node.driver.publisher().await?;
-    let prefill = publisher.prefill(topology.jobs_queue(), &replies.name, &batch).await?;
-    publisher.close().await;
-    drop(batch);
-    progress(&format!("{name}: {jobs} jobs pre-filled in {:.1} s", prefill.as_secs_f64()));
-
-    let env = (variant.worker_env)(node);
-    let (mut worker, ready_at) = Worker::start_with_env(bench, Kind::Batchscore, &topology, &name, &env).await?;
-    let pids = [Some(worker.pid()), node.beam_pid()];
-    let cpu_before = pids.map(|pid| pid.and_then(cpu_seconds));
-    let collected = worker.guard(collector.finish()).await?;
-    let cpu_after = pids.map(|pid| pid.and_then(cpu_seconds));
-    if session.is_none() && variant.key == TLS.key {
-        *session = Some(node.tls_sessions().await).filter(|s| !s.is_empty());
-    }
-    let drain = scenarios::drained(&name, worker, ready_at, &collected, rows_per_job).await;
-    replies.close().await;
+        key: variant.setup.sealed.then(|| node.payload_key.clone()),
+        worker_env: (variant.setup.worker_env)(node),
+        broker_pid: node.beam_pid(),
+    };
+    let look = (unseen && variant.key == TLS.key).then(|| node.tls_sessions());
+    let drained = plan.drain(bench, look).await;
     node.driver.delete(&topology).await;
-    let cpu = [0, 1].map(|p| Some(cpu_after[p]? - cpu_before[p]?));
-    Ok(Run { drain, cpu })
+    let (run, seen) = drained?;
+    if let (Some(seen), Ok(mut session)) = (seen.filter(|s| !s.is_empty()), session.lock()) {
+        session.get_or_insert(seen);
+    }
+    Ok(run)
 }
 
 impl SecurityReport {
@@ -350,42 +264,9 @@ impl SecurityReport {
              `security.payload_keys` set: the benchmark seals every job (AES-256-GCM) before the pre-fill and opens \
              every result, so the worker opens each job and seals each result. Rows/s: the median of the {ROUNDS} drains, min–max in \
              brackets; the ratio is of the medians, against {}. CPU: user + system time per 1,000 rows over the \
-             drain, medians.\n\n\
-             | Jobs × rows | Variant | Jobs/s | Rows/s | ÷ {} | Worker CPU ms per 1,000 rows | RabbitMQ CPU ms per \
-             1,000 rows | Target |\n|---|---|---:|---:|---:|---:|---:|---|\n",
-            baseline.key, baseline.key,
+             drain, medians.\n\n",
+            baseline.key,
         );
-        let mut notes = Vec::new();
-        for c in &self.comparisons {
-            for (v, (variant, runs)) in c.runs.iter().enumerate() {
-                let jobs_per_s = Comparison::spread(runs, |r| Some(r.drain.jobs_per_s()));
-                let cpu = |p: usize| {
-                    Comparison::spread(runs, |r| r.cpu_ms_per_1k_rows(p))
-                        .map_or("—".into(), |s| format!("{:.1}", s.median))
-                };
-                let ratio = if v == 0 { "—".to_string() } else { c.ratio(v).map_or("—".into(), two_places) };
-                let target = goal_cell(variant.goal, c.ratio(v), "baseline");
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {ratio} | {} | {} | {target} |",
-                    c.title(),
-                    variant.label,
-                    spread_cell(jobs_per_s, ROUNDS),
-                    spread_cell(c.rows_per_s(v), ROUNDS),
-                    cpu(0),
-                    cpu(1),
-                );
-                for (round, measured) in runs.iter().enumerate() {
-                    let what = format!("{}, {}, round {}", c.title(), variant.key, round + 1);
-                    match measured {
-                        Measured::Done(r) => notes.extend(r.drain.notes.iter().map(|n| format!("{what}: {n}"))),
-                        other => notes.push(format!("{what}: {}", not_done(other))),
-                    }
-                }
-            }
-        }
-        if !notes.is_empty() {
-            let _ = writeln!(out, "\nNotes: {}", notes.join("; "));
-        }
+        variants::render_table(out, baseline.key, &self.comparisons);
     }
 }
