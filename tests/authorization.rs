@@ -110,7 +110,9 @@ impl Worker {
         Client::on_queue(&node().broker.url(), &self.settings, &self.settings.amqp.results_queue).await
     }
 
-    /// The scrape once every job received is answered and acknowledged, `jobs` of them at least.
+    /// A scrape taken once every job received is answered and acknowledged, `jobs` of them at
+    /// least. Not the scrape that shows it: a scrape reads the series one after the other, so it
+    /// can show the last job settled yet a counter read before the job bumped it.
     async fn settled_scrape(&self, jobs: f64) -> String {
         let started = Instant::now();
         loop {
@@ -118,7 +120,7 @@ impl Worker {
             let settled = sample(&scrape, "batchscore_inflight_jobs", &[]) == 0.0
                 && sample(&scrape, "batchscore_jobs_completed_total", &[]) >= jobs;
             if settled {
-                return scrape;
+                return get(self.metrics, "/metrics").expect("scrape").1;
             }
             assert!(started.elapsed() < Duration::from_secs(60), "jobs not settled within 60 s:\n{scrape}");
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -35,16 +35,20 @@ async fn scrape_matches_the_jobs_scored() {
 
     // Gauges and counters settle once the last job is acknowledged and counted as completed (a
     // job whose dead-letter copy the broker refused goes back to the queue and completes later).
+    // A scrape reads the series one after the other while jobs may still be settling, so it can
+    // show the last job completed and nothing in flight, yet a counter read before it was bumped:
+    // the figures are taken from a scrape after the one that shows everything settled.
     let jobs = (sizes.len() + 2) as f64;
-    let scrape = loop {
+    loop {
         let (_, scrape) = get(addr, "/metrics").expect("scrape");
         let settled = sample(&scrape, "batchscore_inflight_jobs", &[]) == 0.0
             && sample(&scrape, "batchscore_jobs_completed_total", &[]) >= jobs;
         if settled || started.elapsed() > Duration::from_secs(30) {
-            break scrape;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+    let (_, scrape) = get(addr, "/metrics").expect("scrape");
     let linear = [("model", "linear"), ("lane", "online")];
     assert_eq!(sample(&scrape, "batchscore_jobs_received_total", &linear), sizes.len() as f64, "{scrape}");
     assert_eq!(
