@@ -58,10 +58,30 @@ async fn broker_restart_mid_run_loses_no_record_and_acks_no_job_without_one() {
     let workers: HashSet<&str> = records.iter().filter_map(|r| r.str("worker_id")).collect();
     assert!(chains >= 2, "the restart ended the first chain and started another; {chains} chain(s)");
     assert_eq!(workers, HashSet::from(["test-audit-restart"]));
+    let record_bytes: usize = records.iter().map(|r| r.body.len() + 1).sum();
     println!(
         "audit across a broker restart: {JOBS} jobs, {answered_before_stop} answered when the broker stopped, \
-         {received} answered in all ({duplicates} twice), {} records in {chains} chains, 0 jobs without a record",
-        records.len()
+         {received} answered in all ({duplicates} twice), {} records in {chains} chains, 0 jobs without a record; \
+         {} bytes per record, {} bytes per record on the broker's disk",
+        records.len(),
+        record_bytes / records.len(),
+        segment_bytes(broker.dir()) / records.len() as u64,
     );
     // The queues and the stream go with the private node when `broker` is dropped.
+}
+
+/// The bytes of the stream segment files under `dir`: what the records take on the broker's disk.
+fn segment_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => segment_bytes(&path),
+                _ if path.extension().is_some_and(|e| e == "segment") => entry.metadata().map_or(0, |m| m.len()),
+                _ => 0,
+            }
+        })
+        .sum()
 }
