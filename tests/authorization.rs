@@ -193,7 +193,8 @@ async fn waiting(url: &str, queue: &str) -> u32 {
 /// `risk.*` for risk-nightly): the broker refuses a spoofed user_id before any worker sees it;
 /// the allowed publisher is scored and named; a job without user_id and one from a publisher the
 /// model does not list are `forbidden`, dead-lettered and not scored; a reply_to outside the
-/// publisher's pattern is `forbidden`, answered in the results queue and never written to; and
+/// publisher's pattern is `forbidden`, answered in the results queue and never written to; a
+/// misspelt model's answer lists only the models the publisher may score; and
 /// `batchscore_jobs_received_total` counts every job by publisher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_are_authenticated_and_authorized_per_model_and_reply_queue() {
@@ -282,13 +283,20 @@ async fn publishers_are_authenticated_and_authorized_per_model_and_reply_queue()
     let other = results_queue.result().await;
     assert_eq!((&other["status"], &other["publisher"]), (&json!("ok"), &json!("guest")), "{other}");
 
-    let scrape = worker.settled_scrape(6.0).await;
+    // A misspelt model: the answer lists the models risk-nightly may score, not `guarded`.
+    risk.send_raw(&job("misspelt", "gaurded", 1), properties(Some(RISK))).await;
+    let misspelt = risk.result().await;
+    assert_eq!(misspelt["error"]["code"], "unknown_model", "{misspelt}");
+    let message = misspelt["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("(available: open)"), "{message}");
+
+    let scrape = worker.settled_scrape(7.0).await;
     assert_eq!(waiting(&node.broker.url(), &stolen).await, 0, "the disallowed reply queue received nothing");
     admin_channel.queue_delete(stolen.as_str().into(), Default::default()).await.expect("queue deleted");
     let received = |labels: &[(&str, &str)]| sample(&scrape, "batchscore_jobs_received_total", labels);
-    assert_eq!(received(&[]), 6.0, "the spoofed job never reached the worker:\n{scrape}");
+    assert_eq!(received(&[]), 7.0, "the spoofed job never reached the worker:\n{scrape}");
     assert_eq!(received(&[("publisher", CORE)]), 2.0, "{scrape}");
-    assert_eq!(received(&[("publisher", RISK)]), 2.0, "named by security.reply_to.publishers:\n{scrape}");
+    assert_eq!(received(&[("publisher", RISK)]), 3.0, "named by security.reply_to.publishers:\n{scrape}");
     assert_eq!(received(&[("publisher", "none")]), 1.0, "{scrape}");
     assert_eq!(received(&[("publisher", "other")]), 1.0, "{scrape}");
     assert_eq!(received(&[("model", "guarded"), ("publisher", CORE)]), 1.0, "{scrape}");
@@ -297,9 +305,10 @@ async fn publishers_are_authenticated_and_authorized_per_model_and_reply_queue()
     assert_eq!(sample(&scrape, "batchscore_batch_rows_sum", &[("model", "guarded")]), 3.0, "{scrape}");
     assert_eq!(sample(&scrape, "batchscore_job_errors_total", &[("code", "forbidden")]), 3.0, "{scrape}");
 
-    let dead = worker.dead_letters(3).await;
+    let dead = worker.dead_letters(4).await;
     let forbidden = |id: &str| (id.to_string(), "forbidden".to_string());
-    assert_eq!(dead, vec![forbidden("anonymous"), forbidden("not-allowed"), forbidden("wrong-reply")]);
+    let unknown = ("misspelt".to_string(), "unknown_model".to_string());
+    assert_eq!(dead, vec![forbidden("anonymous"), unknown, forbidden("not-allowed"), forbidden("wrong-reply")]);
     worker.stop().await;
 }
 

@@ -370,8 +370,10 @@ fn prepare(
         publisher: publisher(),
         reason,
     };
+    let visible =
+        |model: &ModelVersion| policy.permit(origin, &model.name, model.allowed_publishers.as_deref()).is_ok();
     let model = repository
-        .resolve(&model_name, model_version)
+        .resolve_visible(&model_name, model_version, visible)
         .map_err(|e| rejected(model_version, Rejection::UnknownModel(e.to_string())))?;
     // Before anything else of the job is checked: a publisher the model does not allow learns
     // nothing of its inputs.

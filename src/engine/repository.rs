@@ -184,8 +184,25 @@ impl Repository {
 
     /// The pinned version, or the highest one.
     pub fn resolve(&self, model: &str, version: Option<u64>) -> Result<&Arc<ModelVersion>, LookupError> {
+        self.resolve_visible(model, version, |_| true)
+    }
+
+    /// [`Repository::resolve`] for a client who may see only the models `visible` accepts (its
+    /// highest version decides): a failed lookup lists only those, so that a publisher learns
+    /// nothing of models it may not score from a misspelt name.
+    pub fn resolve_visible(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        visible: impl Fn(&ModelVersion) -> bool,
+    ) -> Result<&Arc<ModelVersion>, LookupError> {
+        let newest_visible =
+            |versions: &BTreeMap<u64, Served>| versions.values().next_back().is_some_and(|s| visible(&s.model));
         let Some(versions) = self.models.get(model) else {
-            return Err(LookupError::UnknownModel { model: model.to_string(), available: self.names().join(", ") });
+            let names: Vec<&str> =
+                self.models.iter().filter(|(_, v)| newest_visible(v)).map(|(name, _)| name.as_str()).collect();
+            let available = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+            return Err(LookupError::UnknownModel { model: model.to_string(), available });
         };
         let found = match version {
             Some(v) => versions.get(&v),
@@ -194,7 +211,10 @@ impl Repository {
         found.map(|served| &served.model).ok_or_else(|| LookupError::UnknownVersion {
             model: model.to_string(),
             version: version.unwrap_or_default(),
-            available: versions.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
+            available: match newest_visible(versions) {
+                true => versions.keys().map(u64::to_string).collect::<Vec<_>>().join(", "),
+                false => "none".to_string(),
+            },
         })
     }
 
