@@ -2,7 +2,7 @@
 //! worker can serve it; every model version in the repository and which one serves.
 
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ort::value::ValueType;
 
@@ -12,11 +12,19 @@ use crate::engine::{runtime, Repository};
 use crate::explain::Explainer;
 use crate::settings::Settings;
 
+/// A model file `inspect` cannot open: the command's input must change.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load {}: {reason}; inspect takes an ONNX model file, e.g. models/<model>/<version>/model.onnx", path.display())]
+pub struct UnloadableModel {
+    path: PathBuf,
+    reason: String,
+}
+
 /// Describes `path` as text, ready to print.
 pub fn describe(settings: &Settings, path: &Path) -> anyhow::Result<String> {
     let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
     let session = open_session(env, path, settings.inference)
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?
+        .map_err(|reason| UnloadableModel { path: path.to_path_buf(), reason })?
         .session;
     let mut text = String::new();
     writeln!(text, "model: {}", path.display())?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use batchscore::amqp::AmqpError;
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
+use batchscore::inspect::UnloadableModel;
 use batchscore::payload::KeyError;
 use batchscore::settings::{Settings, SettingsError};
 use batchscore::submit::SubmitArgs;
@@ -16,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for set-up problems a person must fix before anything can run: settings, the ONNX
 /// Runtime library, the model repository (including an execution provider that cannot be
 /// registered), the metrics listener, the broker settings (the plaintext rule, TLS files, secret
-/// files), payload key files (`security.payload_keys`, `submit --key-file`), and a broker that
+/// files), payload key files (`security.payload_keys`, `submit --key-file`), a model file
+/// `inspect` cannot load, and a broker that
 /// refuses the credentials, the vhost or the TLS handshake. Failures during a run exit 1.
 const EXIT_SETUP: u8 = 2;
 
@@ -113,6 +115,7 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<RepositoryError>()
             || cause.is::<SettingsError>()
             || cause.is::<KeyError>()
+            || cause.is::<UnloadableModel>()
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
     })
 }

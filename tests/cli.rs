@@ -265,6 +265,14 @@ fn inspect_lists_inputs_and_outputs() {
 }
 
 #[test]
+fn inspect_of_a_file_that_is_no_model_exits_2_naming_it() {
+    let output = batchscore(&["inspect", "settings.yaml"], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("cannot load settings.yaml") && message.contains("ONNX model file"), "{message}");
+}
+
+#[test]
 fn models_lists_every_version_and_the_serving_one() {
     let repository = fixtures_repository();
     let output = batchscore(&["models"], &[("BATCHSCORE__MODELS__REPOSITORY", repository.to_str().unwrap())]);
