@@ -105,6 +105,9 @@ fn refused(endpoint: &Endpoint, reason: String) -> AmqpError {
     AmqpError::Refused { user: uri.authority.userinfo.username.clone(), host, port, vhost, reason }
 }
 
+/// Longest a channel or connection close waits for the broker's answer.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// One connection to the broker and the pipeline's two channels on it: the consumer's, with its
 /// prefetch, and the publisher's, with confirms. The topology is declared when it opens.
 pub struct Link {
@@ -114,17 +117,36 @@ pub struct Link {
 }
 
 impl Link {
-    /// Connects and declares the topology, and the audit stream when the trail is on.
+    /// Connects and declares the topology, and the audit stream when the trail is on. When a
+    /// step after connecting fails (a queue missing with `declare_queues: false`), the connection
+    /// is closed before the error returns: a worker waiting for its queues retries without
+    /// leaving the broker a dropped connection each time.
     pub async fn open(settings: &AmqpSettings, audit: &AuditSettings) -> Result<Self, AmqpError> {
         let connection = connect(settings).await?;
-        let consume = consumer_channel(&connection, settings.prefetch).await?;
+        match Self::prepare(&connection, settings, audit).await {
+            Ok((consume, publish)) => {
+                tracing::info!(url = %redact(&settings.url), "connected to RabbitMQ");
+                Ok(Self { connection, consume, publish })
+            }
+            Err(error) => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, connection.close(200, "topology not ready".into())).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// The consumer's channel, the topology on it, and the publisher's channel.
+    async fn prepare(
+        connection: &Connection,
+        settings: &AmqpSettings,
+        audit: &AuditSettings,
+    ) -> Result<(Channel, Channel), AmqpError> {
+        let consume = consumer_channel(connection, settings.prefetch).await?;
         declare_topology(&consume, settings).await?;
         if audit.enabled {
             declare_audit_stream(&consume, settings, audit).await?;
         }
-        let publish = confirming_channel(&connection).await?;
-        tracing::info!(url = %redact(&settings.url), "connected to RabbitMQ");
-        Ok(Self { connection, consume, publish })
+        Ok((consume, confirming_channel(connection).await?))
     }
 
     pub fn consume_channel(&self) -> Channel {
@@ -141,9 +163,8 @@ impl Link {
         // the channel, acknowledgements included: waiting for it makes the acks of drained jobs
         // stick. Closing also returns deliveries not yet processed (after a failure or a drain
         // timeout) to the queue.
-        let grace = Duration::from_secs(5);
-        let _ = tokio::time::timeout(grace, self.consume.close(200, "worker stopping".into())).await;
-        let _ = tokio::time::timeout(grace, self.connection.close(200, "worker stopping".into())).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.consume.close(200, "worker stopping".into())).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.connection.close(200, "worker stopping".into())).await;
     }
 }
 
