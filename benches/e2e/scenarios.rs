@@ -493,11 +493,14 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// The local RabbitMQ node's Erlang VM, for its CPU use.
+/// The local RabbitMQ node's Erlang VM, for its CPU use: not the node of a test running beside
+/// the benchmark, which the test harness starts with `RABBITMQ_NODENAME=batchscore-test-…`.
 pub fn broker_pid() -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|entry| {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-        (comm.trim() == "beam.smp").then_some(pid)
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let private = environ.split(|byte| *byte == 0).any(|v| v.starts_with(b"RABBITMQ_NODENAME=batchscore-test-"));
+        (comm.trim() == "beam.smp" && !private).then_some(pid)
     })
 }
