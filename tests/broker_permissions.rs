@@ -38,12 +38,15 @@ const VHOST: &str = "batchscore";
 const WORKER: &str = "worker";
 const CORE_BANKING: &str = "core-banking";
 const RISK_NIGHTLY: &str = "risk-nightly";
+const AUDITOR: &str = "auditor";
 const OPERATIONS: &str = "operations";
-const USERS: [&str; 4] = [WORKER, CORE_BANKING, RISK_NIGHTLY, OPERATIONS];
+const USERS: [&str; 5] = [WORKER, CORE_BANKING, RISK_NIGHTLY, AUDITOR, OPERATIONS];
 /// The exchange publishers send jobs to (the definitions bind it to the jobs queues).
 const SUBMIT: &str = "scoring.submit";
 /// The bulk lane's queue in the definitions (settings.yaml has no bulk lane by default).
 const BULK_QUEUE: &str = "scoring.bulk";
+/// The audit stream of the definitions and of settings.yaml.
+const AUDIT_STREAM: &str = "scoring.audit";
 /// A client certificate from the deployment's CA whose common name is no user.
 const STRANGER: &str = "mallory";
 
@@ -123,10 +126,12 @@ fn shipped_amqp() -> AmqpSettings {
     AmqpSettings { bulk_queue: BULK_QUEUE.into(), ..settings.amqp }
 }
 
-/// The queues of the definitions, as settings.yaml names them, and the publishers' results queues.
+/// The queues of the definitions, as settings.yaml names them (the audit stream included), and
+/// the publishers' results queues.
 fn shipped_queues() -> Vec<String> {
     let amqp = shipped_amqp();
-    let mut queues = vec![amqp.jobs_queue, amqp.bulk_queue, amqp.results_queue, amqp.dead_letter_queue];
+    let audit = Settings::load(&common::root().join("settings.yaml"), true).expect("settings.yaml loads").audit;
+    let mut queues = vec![amqp.jobs_queue, amqp.bulk_queue, amqp.results_queue, amqp.dead_letter_queue, audit.stream];
     queues.extend([CORE_BANKING, RISK_NIGHTLY].map(results_queue));
     queues
 }
@@ -349,6 +354,12 @@ const RULES: &[Rule] = &[
         untried: &[],
     },
     Rule {
+        what: "append to the audit trail (the default exchange, into the stream)",
+        op: Op::Publish { exchange: "", key: AUDIT_STREAM },
+        allowed: &[WORKER, OPERATIONS],
+        untried: &[],
+    },
+    Rule {
         what: "dead-letter a job (the dead-letter exchange)",
         op: Op::Publish { exchange: "scoring.dlx", key: "scoring.jobs" },
         allowed: &[WORKER, OPERATIONS],
@@ -376,6 +387,7 @@ const RULES: &[Rule] = &[
         untried: &[],
     },
     Rule { what: "consume dead letters", op: Op::Consume("scoring.dlq"), allowed: &[OPERATIONS], untried: &[] },
+    Rule { what: "read the audit trail", op: Op::Consume(AUDIT_STREAM), allowed: &[AUDITOR, OPERATIONS], untried: &[] },
     // Read permission includes purging: the worker and operations may (not tried here, as it would
     // empty the queue under the other tests).
     Rule { what: "purge the jobs queue", op: Op::Purge("scoring.jobs"), allowed: &[], untried: &[WORKER, OPERATIONS] },
@@ -389,7 +401,7 @@ const RULES: &[Rule] = &[
     Rule {
         what: "check the topology passively (amqp.declare_queues: false)",
         op: Op::Topology { declare: false },
-        allowed: &[WORKER, CORE_BANKING, RISK_NIGHTLY, OPERATIONS],
+        allowed: &[WORKER, CORE_BANKING, RISK_NIGHTLY, AUDITOR, OPERATIONS],
         untried: &[],
     },
     Rule {
@@ -427,6 +439,7 @@ const RULES: &[Rule] = &[
         allowed: &[],
         untried: &[OPERATIONS],
     },
+    Rule { what: "delete the audit stream", op: Op::Delete(AUDIT_STREAM), allowed: &[], untried: &[OPERATIONS] },
 ];
 
 #[test]
@@ -566,7 +579,8 @@ async fn results_of(connection: &Connection, queue: &str, job_ids: &[&str]) -> H
 /// online job of core-banking and a bulk job of risk-nightly, each answered in the publisher's own
 /// results queue, and dead-letters a job for a model it does not serve, which operations finds in
 /// the dead-letter queue. `batchscore submit`, logged in as core-banking, sends a file through the
-/// submit exchange and reads its results from core-banking's queue.
+/// submit exchange and reads its results from core-banking's queue. With the audit trail on, the
+/// worker records each job in the shipped stream, where the auditor reads the records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let node = node();
@@ -583,7 +597,8 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
         .env("BATCHSCORE__AMQP__BULK_QUEUE", BULK_QUEUE)
         .env("BATCHSCORE__AMQP__DECLARE_QUEUES", "false")
         .env("BATCHSCORE__SECURITY__REQUIRE_USER_ID", "true")
-        .env("BATCHSCORE__SECURITY__REPLY_TO__DEFAULT", "{user}.results");
+        .env("BATCHSCORE__SECURITY__REPLY_TO__DEFAULT", "{user}.results")
+        .env("BATCHSCORE__AUDIT__ENABLED", "true");
     let log_file = std::fs::File::create(&log).expect("log file");
     let mut worker = WorkerProcess(
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).spawn().expect("the worker starts"),
@@ -669,12 +684,47 @@ async fn the_worker_scores_end_to_end_with_the_shipped_permissions_alone() {
     let code = headers.inner().get("x-error-code").cloned();
     assert_eq!(code, Some(AMQPValue::LongString("unknown_model".into())), "{headers:?}");
 
+    // The audit trail, which only the auditor (and operations) may read, has a record of each.
+    let auditor = node.connect(AUDITOR).await;
+    let recorded = records_of(&auditor, &[&online, &bulk, &unknown]).await;
+    assert_eq!(
+        (recorded[&online]["user_id"].as_str(), recorded[&online]["status"].as_str()),
+        (Some(CORE_BANKING), Some("ok"))
+    );
+    assert_eq!(
+        (recorded[&bulk]["user_id"].as_str(), recorded[&bulk]["lane"].as_str()),
+        (Some(RISK_NIGHTLY), Some("bulk"))
+    );
+    assert_eq!(recorded[&unknown]["error_code"], "unknown_model", "{}", recorded[&unknown]);
+
     submit_file_as_core_banking(node, &fixture).await;
 
     let status = worker.terminate().await;
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "{status}; its log:\n{logged}");
     assert!(!logged.contains("ACCESS_REFUSED"), "the worker was refused something:\n{logged}");
+}
+
+/// The audit records of jobs `job_ids` in the shipped stream, read as `connection`'s user; other
+/// messages (the rules' probes) are skipped.
+async fn records_of(connection: &Connection, job_ids: &[&str]) -> HashMap<String, Value> {
+    let mut deliveries = common::stream::subscribe(connection, AUDIT_STREAM).await;
+    let mut records = HashMap::new();
+    while records.len() < job_ids.len() {
+        let waiting = || format!("records of only {:?} of {job_ids:?} in {AUDIT_STREAM}", records.keys());
+        let delivery = common::stream::next_message(&mut deliveries, common::BROKER_PATIENCE, waiting).await;
+        if delivery.properties.kind().as_ref().is_none_or(|kind| kind.as_str() != "scoring.audit") {
+            continue;
+        }
+        for line in common::stream::record_lines(&delivery.data) {
+            let record: Value = serde_json::from_slice(line).expect("a record is JSON");
+            let id = record["job_id"].as_str().unwrap_or_default().to_string();
+            if job_ids.contains(&id.as_str()) {
+                records.insert(id, record);
+            }
+        }
+    }
+    records
 }
 
 /// `batchscore submit` with core-banking's certificate and rights alone: it cannot declare a reply

@@ -30,19 +30,24 @@ pub fn hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// A consumer of `stream` at `url` from its first record, on a connection of its own. A stream
-/// is read with a prefetch, manual acknowledgements and an offset.
+/// A consumer of `stream` at `url` from its first record, on a connection of its own.
 pub async fn subscribe_at(url: &str, stream: &str) -> (Connection, lapin::Consumer) {
     let connection = super::connect_to(url).await;
+    let deliveries = subscribe(&connection, stream).await;
+    (connection, deliveries)
+}
+
+/// A consumer of `stream` from its first record, on a new channel of `connection`. A stream is
+/// read with a prefetch, manual acknowledgements and an offset.
+pub async fn subscribe(connection: &Connection, stream: &str) -> lapin::Consumer {
     let channel = connection.create_channel().await.expect("channel");
     channel.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
     let mut arguments = FieldTable::default();
     arguments.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-    let deliveries = channel
+    channel
         .basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments)
         .await
-        .expect("consume the stream");
-    (connection, deliveries)
+        .expect("consume the stream")
 }
 
 /// The next message of a stream subscription, acknowledged; `waiting` says what the test waited
