@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod audit_stream;
 pub mod certificates;
 pub mod load;
 pub mod private_broker;
