@@ -343,6 +343,8 @@ pub fn version_files(root: &Path, name: &str) -> Result<Vec<(u64, PathBuf)>, Rep
 mod tests {
     use std::path::{Path, PathBuf};
 
+    use sha2::Digest;
+
     use super::super::model::VersionPolicy;
     use super::*;
 
@@ -506,5 +508,35 @@ mod tests {
         std::fs::write(folder.join("baseline.json"), baseline(100.0)).expect("edit baseline");
         let next = scratch.reload(&current).expect("an edited baseline file is a change");
         assert_ne!(base_value(&next), before, "the version was loaded again with the edited baseline");
+    }
+
+    #[test]
+    fn a_version_that_cannot_be_archived_serves_is_counted_and_is_archived_once_it_can() {
+        let mut scratch = Scratch::new();
+        let folder = scratch.root.with_extension("archive");
+        scratch.settings.models.archive = Some(folder.clone());
+        let model_file = scratch.root.join(&scratch.model).join("1").join(MODEL_FILE);
+        let sha256 = format!("{:x}", sha2::Sha256::digest(std::fs::read(&model_file).expect("model file")));
+        // A file where the version's folder goes: the archive cannot store it.
+        std::fs::create_dir_all(&folder).expect("archive");
+        std::fs::write(folder.join(&sha256), b"in the way").expect("blocking file");
+        let failures = |scratch: &Scratch| {
+            let series = format!("{}{{model=\"{}\"}} ", telemetry::MODEL_ARCHIVE_FAILURES, scratch.model);
+            let scrape = telemetry::recorder().render();
+            scrape.lines().find_map(|line| line.strip_prefix(series.as_str())?.parse::<f64>().ok())
+        };
+
+        let current = scratch.load();
+        assert!(current.resolve(&scratch.model, Some(1)).is_ok(), "the version serves all the same");
+        assert_eq!(failures(&scratch), Some(1.0), "the failure is counted");
+
+        std::fs::remove_file(folder.join(&sha256)).expect("out of the way");
+        assert!(scratch.reload(&current).is_none(), "nothing changed in the repository");
+        let archived = std::fs::read(folder.join(&sha256).join(MODEL_FILE)).expect("archived at the next reload");
+        assert_eq!(format!("{:x}", sha2::Sha256::digest(&archived)), sha256);
+        let config = std::fs::read(scratch.root.join(&scratch.model).join(CONFIG_FILE)).expect("config");
+        assert!(folder.join(&sha256).join(archive::config_name(&config)).is_file(), "its config beside it");
+        assert_eq!(failures(&scratch), Some(1.0), "a success is not counted as a failure");
+        let _ = std::fs::remove_dir_all(&folder);
     }
 }
