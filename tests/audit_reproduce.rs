@@ -2,7 +2,8 @@
 //! audit trail and the model archive on scores jobs of a version in each job form; the version is
 //! then retired from the repository, and each job is still reproduced from its record and input,
 //! from the archive, whose copy of the file has the recorded sha256. A job with one value changed
-//! is refused as not the recorded job, and without the archive the file is found nowhere.
+//! is refused as not the recorded job, without the archive the file is found nowhere, and once
+//! the version is back in the repository it is found there.
 
 mod common;
 
@@ -192,6 +193,13 @@ async fn a_retired_versions_scores_are_reproduced_from_the_archive() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no model file with sha256") && stderr.contains("models.archive"), "{stderr}");
+
+    // Back in the repository, the file is found there first.
+    common::add_to_repository(&settings.models.repository, "linear", "linear", 1);
+    let output = reproduce(&settings, Some(&archive), record, &serde_json::to_vec(job).expect("JSON"));
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", text(&output.stderr));
+    assert!(stdout.contains("(in the repository, version 1)"), "{stdout}");
 
     let connection = common::connect().await;
     let channel = connection.create_channel().await.expect("channel");

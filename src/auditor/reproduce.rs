@@ -179,8 +179,9 @@ struct Scored<'a> {
     outputs_sha256: &'a str,
 }
 
-/// Reads the record `source` names: its body, and a name for it in messages.
-pub fn read_record(source: &RecordSource) -> Result<(Vec<u8>, String), ReproduceError> {
+/// Reads the record `source` names: its body, and a name for it in messages. Asynchronous, as
+/// reading a record from the audit stream is.
+pub async fn read_record(source: &RecordSource) -> Result<(Vec<u8>, String), ReproduceError> {
     match source {
         RecordSource::File(path) => std::fs::read(path)
             .map(|body| (body, path.display().to_string()))
@@ -190,7 +191,7 @@ pub fn read_record(source: &RecordSource) -> Result<(Vec<u8>, String), Reproduce
 
 /// Reproduces the job the arguments name. `Ok` holds the report, whatever it concludes.
 pub async fn run(settings: &Settings, args: &ReproduceArgs) -> Result<Report, ReproduceError> {
-    let (body, origin) = read_record(&args.source()?)?;
+    let (body, origin) = read_record(&args.source()?).await?;
     let record = Recorded::parse(&body, &origin)?;
     let job = std::fs::read(&args.input)
         .map_err(|source| ReproduceError::InputUnreadable { path: args.input.clone(), source })?;
@@ -201,8 +202,9 @@ pub async fn run(settings: &Settings, args: &ReproduceArgs) -> Result<Report, Re
 pub async fn reproduce(settings: &Settings, record: &Recorded, job: &[u8]) -> Result<Report, ReproduceError> {
     let scored = record.scored()?;
     let request = decode(job, &scored)?;
-    let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
+    // Before ONNX Runtime is loaded: a file found nowhere is said without needing it.
     let located = locate(settings, &scored)?;
+    let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
     let bound = bind(env, settings, &scored, &located, &request)?;
     let rows = request.features.row_count();
     let mut session = bound.model.session().await?;
@@ -612,6 +614,15 @@ pub fn within_tolerance(a: f64, b: f64) -> bool {
     difference <= ABSOLUTE_TOLERANCE || difference <= RELATIVE_TOLERANCE * a.abs().max(b.abs())
 }
 
+/// A difference for the report: `0`, `n/a` where numbers could not be compared, else `1.19e-7`.
+fn shown(difference: f64) -> String {
+    match difference {
+        d if d == 0.0 => "0".into(),
+        d if d.is_nan() => "n/a".into(),
+        d => format!("{d:.2e}"),
+    }
+}
+
 fn shorten(value: &Value) -> String {
     let text = value.to_string();
     match text.char_indices().nth(60) {
@@ -654,13 +665,17 @@ impl fmt::Display for Report {
         let comparison = &self.comparison;
         for output in &comparison.outputs {
             match &output.difference {
-                None => {
-                    writeln!(f, "output {}: equal, max absolute difference {:e}", output.name, output.max_difference)?
-                }
+                None => writeln!(
+                    f,
+                    "output {}: equal, max absolute difference {}",
+                    output.name,
+                    shown(output.max_difference)
+                )?,
                 Some(what) => writeln!(
                     f,
-                    "output {}: DIFFERS, max absolute difference {:e}; first difference at {what}",
-                    output.name, output.max_difference
+                    "output {}: DIFFERS, max absolute difference {}; first difference at {what}",
+                    output.name,
+                    shown(output.max_difference)
                 )?,
             }
         }
