@@ -616,10 +616,12 @@ pub fn within_tolerance(a: f64, b: f64) -> bool {
 
 /// A difference for the report: `0`, `n/a` where numbers could not be compared, else `1.19e-7`.
 fn shown(difference: f64) -> String {
-    match difference {
-        d if d == 0.0 => "0".into(),
-        d if d.is_nan() => "n/a".into(),
-        d => format!("{d:.2e}"),
+    if difference == 0.0 {
+        "0".into()
+    } else if difference.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{difference:.2e}")
     }
 }
 
