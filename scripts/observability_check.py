@@ -42,6 +42,7 @@ METRICS = {
     "batchscore_stage_failures_total": ("counter", {"stage"}, False),
     "batchscore_dead_lettered_total": ("counter", {"code"}, True),
     "batchscore_model_load_failures_total": ("counter", {"model"}, False),
+    "batchscore_model_archive_failures_total": ("counter", {"model"}, False),
     "batchscore_job_duration_seconds": ("histogram", {"model", "lane"}, True),
     "batchscore_queue_wait_seconds": ("histogram", {"lane"}, True),
     "batchscore_batch_wait_seconds": ("histogram", {"model"}, True),

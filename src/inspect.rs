@@ -79,7 +79,10 @@ fn describe_type(dtype: &ValueType) -> String {
 /// The repository as a table: one line per model version, the serving one marked.
 pub fn list_models(settings: &Settings) -> anyhow::Result<String> {
     let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
-    let repository = Repository::load(env, settings)?;
+    // Listing writes nothing: the archive is the serving workers' to fill.
+    let mut listing = settings.clone();
+    listing.models.archive = None;
+    let repository = Repository::load(env, &listing)?;
     let mut text = String::new();
     writeln!(
         text,

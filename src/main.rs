@@ -1,9 +1,10 @@
-//! The `batchscore` command line: `worker`, `submit`, `models` and `inspect`.
+//! The `batchscore` command line: `worker`, `submit`, `models`, `inspect` and `audit`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use batchscore::amqp::AmqpError;
+use batchscore::auditor::reproduce::{self, ReproduceArgs, ReproduceError};
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
 use batchscore::inspect::UnloadableModel;
@@ -18,8 +19,10 @@ use tokio_util::sync::CancellationToken;
 /// Runtime library, the model repository (including an execution provider that cannot be
 /// registered), the metrics listener, the broker settings (the plaintext rule, TLS files, secret
 /// files), payload key files (`security.payload_keys`, `submit --key-file`), a model file
-/// `inspect` cannot load, and a broker that
-/// refuses the credentials, the vhost or the TLS handshake. Failures during a run exit 1.
+/// `inspect` cannot load, and a broker that refuses the credentials, the vhost or the TLS
+/// handshake; a `models.archive` folder that cannot be written; for `audit reproduce`, a record
+/// that cannot be read or a model file found nowhere. Failures during a run exit 1, and so does a
+/// job `audit reproduce` does not reproduce.
 const EXIT_SETUP: u8 = 2;
 
 #[derive(Parser)]
@@ -45,6 +48,16 @@ enum Command {
         /// Path to model.onnx.
         model: PathBuf,
     },
+    /// Work with the audit trail (docs/AUDIT.md).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Score a recorded job again with the model file its record names (found in the repository
+    /// or in models.archive) and compare with the record: exit 0 reproduced, 1 not, 2 set-up.
+    Reproduce(Box<ReproduceArgs>),
 }
 
 fn main() -> ExitCode {
@@ -61,7 +74,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Worker => batchscore::telemetry::init_logging(&settings.logging),
         // Their output is the answer; the worker's progress lines would only bury it.
-        Command::Submit(_) | Command::Models | Command::Inspect { .. } => {
+        Command::Submit(_) | Command::Models | Command::Inspect { .. } | Command::Audit(_) => {
             batchscore::telemetry::init_client_logging(&settings.logging)
         }
     }
@@ -80,6 +93,7 @@ fn main() -> ExitCode {
             }),
             Command::Models => batchscore::inspect::list_models(&settings).map(|text| print!("{text}")),
             Command::Inspect { model } => batchscore::inspect::describe(&settings, &model).map(|text| print!("{text}")),
+            Command::Audit(command) => run_audit(&settings, command).await,
         }
     });
     match outcome {
@@ -116,8 +130,26 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<SettingsError>()
             || cause.is::<KeyError>()
             || cause.is::<UnloadableModel>()
+            || cause.downcast_ref::<ReproduceError>().is_some_and(ReproduceError::is_setup)
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
     })
+}
+
+async fn run_audit(settings: &Settings, command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Reproduce(args) => run_reproduce(settings, &args).await,
+    }
+}
+
+/// Prints the report; one that does not conclude the job is reproduced fails the command.
+async fn run_reproduce(settings: &Settings, args: &ReproduceArgs) -> anyhow::Result<()> {
+    let report = reproduce::run(settings, args).await?;
+    println!("{report}");
+    if report.comparison.reproduced() {
+        Ok(())
+    } else {
+        Err(ReproduceError::Differs.into())
+    }
 }
 
 async fn run_worker(settings: Settings) -> anyhow::Result<()> {

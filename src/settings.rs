@@ -291,11 +291,22 @@ pub struct ModelSettings {
     /// How often the repository is checked for new, replaced and removed versions; 0 turns polling
     /// off (SIGHUP still reloads).
     pub poll_interval_ms: u64,
+    /// The model archive (`engine::archive`): a folder where every model file the worker serves is
+    /// kept by its sha256, so that audited scores stay reproducible after the version leaves the
+    /// repository. Empty: none.
+    pub archive: Option<PathBuf>,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
-        Self { repository: PathBuf::from("models"), poll_interval_ms: 10_000 }
+        Self { repository: PathBuf::from("models"), poll_interval_ms: 10_000, archive: None }
+    }
+}
+
+impl ModelSettings {
+    /// The archive folder, when one is set (an empty value sets none).
+    pub fn archive(&self) -> Option<&Path> {
+        self.archive.as_deref().filter(|path| !path.as_os_str().is_empty())
     }
 }
 
@@ -779,6 +790,7 @@ mod tests {
         assert_eq!(settings.amqp.jobs_queue, "scoring.jobs");
         assert_eq!(settings.amqp.results_queue, "scoring.results");
         assert_eq!(settings.models.repository, PathBuf::from("models"));
+        assert_eq!(settings.models.archive(), None, "no archive unless one is set");
         assert_eq!(settings.batching, BatchingSettings::default());
         let (amqp, defaults) = (&settings.amqp, AmqpSettings::default());
         // The environment may point the suite at another broker.

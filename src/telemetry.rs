@@ -23,6 +23,7 @@ pub const BROKER_RECONNECTS: &str = "batchscore_broker_reconnects_total";
 pub const STAGE_FAILURES: &str = "batchscore_stage_failures_total";
 pub const DEAD_LETTERED: &str = "batchscore_dead_lettered_total";
 pub const MODEL_LOAD_FAILURES: &str = "batchscore_model_load_failures_total";
+pub const MODEL_ARCHIVE_FAILURES: &str = "batchscore_model_archive_failures_total";
 pub const JOB_DURATION: &str = "batchscore_job_duration_seconds";
 pub const QUEUE_WAIT: &str = "batchscore_queue_wait_seconds";
 pub const BATCH_WAIT: &str = "batchscore_batch_wait_seconds";
@@ -141,6 +142,10 @@ fn describe() {
     );
     describe_counter!(DEAD_LETTERED, "Jobs copied to the dead-letter exchange, by error code.");
     describe_counter!(MODEL_LOAD_FAILURES, "Model versions that could not be loaded, by model.");
+    describe_counter!(
+        MODEL_ARCHIVE_FAILURES,
+        "Model versions served whose files could not be written to the model archive (models.archive), by model."
+    );
     describe_histogram!(
         JOB_DURATION,
         Unit::Seconds,
@@ -213,6 +218,17 @@ pub fn record_model_loaded(model: &str, version: u64, sha256: &str, provider: &s
     model_info(model, version, sha256, provider).set(1.0);
     // Present from the start, so a rate over it works before the first failure.
     counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).absolute(0);
+}
+
+/// A served version's files are in the model archive: the failure counter of its model is
+/// exported (at 0 until a failure), so `increase()` over it works before the first one.
+pub fn record_model_archived(model: &str) {
+    counter!(MODEL_ARCHIVE_FAILURES, "model" => model.to_string()).increment(0);
+}
+
+/// A served version's files could not be written to the model archive.
+pub fn record_model_archive_failure(model: &str) {
+    counter!(MODEL_ARCHIVE_FAILURES, "model" => model.to_string()).increment(1);
 }
 
 /// A version no longer serves new jobs (removed, replaced or outside its version policy).

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{AmqpError, Endpoint};
+use crate::engine::archive::{self, ArchiveError};
 use crate::engine::runtime::{self, RuntimeError};
 use crate::engine::{repository::RepositoryError, Repository};
 use crate::payload::{KeyError, Keyring};
@@ -31,6 +32,9 @@ pub enum StartError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// `models.archive` names a folder that cannot be created or written.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
     /// `metrics.listen` is not `host:port` (settings that were validated never get here).
     #[error("metrics.listen {listen:?} is not host:port; set metrics.listen / BATCHSCORE__METRICS__LISTEN to e.g. 0.0.0.0:9464")]
     MetricsAddress { listen: String },
@@ -63,6 +67,11 @@ impl Worker {
         if !security.payload_keys.is_empty() {
             tracing::info!(key_ids = ?keyring.ids(), require_encryption = security.require_encryption,
                 "payload keys loaded");
+        }
+        // Before any model loads: a worker that could not archive what it serves must not start.
+        if let Some(folder) = settings.models.archive() {
+            archive::check(folder)?;
+            tracing::info!(archive = %folder.display(), "model files are kept in the model archive");
         }
         // Installed first: metrics recorded while models load would otherwise be lost.
         telemetry::recorder();

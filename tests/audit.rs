@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
-use common::stream::{by_job, hex, next_message, read_stream_at, record_lines, subscribe_at, verify_chains, Record};
+use common::stream::{by_job, hex, next_message, read_stream, record_lines, subscribe_at, verify_chains, Record};
 use common::{TestWorker, BROKER_PATIENCE};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -180,11 +180,6 @@ impl Sender {
     fn result(&self, id: &str) -> &[u8] {
         &self.results[id][0]
     }
-}
-
-/// Every record of `stream` on the shared broker, first to last.
-async fn read_stream(stream: &str) -> Vec<Record> {
-    read_stream_at(&common::default_url(), stream).await
 }
 
 /// The jobs ready in the test's jobs queue: neither acknowledged nor held by a worker.

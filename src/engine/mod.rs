@@ -1,5 +1,7 @@
-//! ONNX Runtime: the library and environment, the model repository, sessions and batch runs.
+//! ONNX Runtime: the library and environment, the model repository and its archive, sessions
+//! and batch runs.
 
+pub mod archive;
 pub mod model;
 pub mod outputs;
 pub mod repository;

@@ -208,12 +208,30 @@ pub type PooledSession = Object<Session>;
 
 impl ModelVersion {
     /// Builds `inference.sessions` sessions for `path`, checks the signature against `config`
-    /// and warms every session up with one run, so the first job does not pay for it.
+    /// and warms every session up with one run, so the first job does not pay for it. `path` is
+    /// `<model>/<version>/model.onnx` in a repository: files config.yaml names are in `<model>/`.
     pub fn load(
         env: &ort::environment::Environment,
         name: &str,
         version: u64,
         path: &Path,
+        config: &ModelConfig,
+        inference: InferenceSettings,
+        batching: BatchingSettings,
+    ) -> Result<Self, ModelError> {
+        let folder = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+        Self::load_from(env, name, version, path, folder, config, inference, batching)
+    }
+
+    /// [`ModelVersion::load`] of a model file outside a repository's layout (the model archive),
+    /// whose config names files relative to `config_folder`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_from(
+        env: &ort::environment::Environment,
+        name: &str,
+        version: u64,
+        path: &Path,
+        config_folder: &Path,
         config: &ModelConfig,
         inference: InferenceSettings,
         batching: BatchingSettings,
@@ -258,9 +276,9 @@ impl ModelVersion {
         };
         let feature_index = config.features.iter().flatten().enumerate().map(|(i, f)| (f.clone(), i)).collect();
         let explainer = match &config.explain {
-            Some(explain) => {
-                Some(explainer(explain, &bytes, path, &signature, config.features.as_deref()).map_err(invalid)?)
-            }
+            Some(explain) => Some(
+                explainer(explain, &bytes, config_folder, &signature, config.features.as_deref()).map_err(invalid)?,
+            ),
             None => None,
         };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -348,17 +366,15 @@ impl ModelVersion {
     }
 }
 
-/// The explainer of a version at `path` (`<model>/<version>/model.onnx`; config.yaml and files
-/// it names sit in `<model>/`).
+/// The explainer of a version whose config.yaml names files relative to `folder`.
 fn explainer(
     config: &ExplainConfig,
     bytes: &[u8],
-    path: &Path,
+    folder: &Path,
     signature: &Signature,
     features: Option<&[String]>,
 ) -> Result<Explainer, String> {
     signature.check_output("explains", &config.output)?;
-    let folder = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
     Explainer::build(config, bytes, folder, features, signature.n_features).map_err(|e| format!("config.yaml {e}"))
 }
 

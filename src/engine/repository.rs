@@ -3,13 +3,15 @@
 //!
 //! A [`Repository`] is an immutable snapshot. [`Repository::reload`] builds the next snapshot
 //! from the disk, reusing every version whose files did not change, so a reload only pays for
-//! what is new.
+//! what is new. With `models.archive` set, every version loaded is also kept in the model
+//! [`archive`](super::archive).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::archive::{self, Baseline};
 use super::model::{ModelConfig, ModelError, ModelVersion};
 use crate::settings::Settings;
 use crate::telemetry;
@@ -61,6 +63,10 @@ struct Candidate {
     version: u64,
     file: PathBuf,
     config: Arc<ModelConfig>,
+    /// The config.yaml text `config` was read from, kept for the archive; `None` without one.
+    config_text: Option<Arc<str>>,
+    /// The explanation baseline file config.yaml names: that name, and the file.
+    baseline: Option<(PathBuf, PathBuf)>,
     stamp: Stamp,
 }
 
@@ -119,7 +125,11 @@ impl Repository {
             let current = self.models.get(&candidate.name).and_then(|v| v.get(&candidate.version));
             let key = (candidate.name.clone(), candidate.version);
             let served = match current {
-                Some(served) if served.stamp == candidate.stamp => Some(served.clone()),
+                Some(served) if served.stamp == candidate.stamp => {
+                    // Files that could not be archived before are tried again at every reload.
+                    archive_version(settings, &candidate, &served.model.sha256);
+                    Some(served.clone())
+                }
                 _ if refused.get(&key) == Some(&candidate.stamp) => current.cloned(),
                 _ => match load_version(env, settings, &candidate) {
                     Ok(model) => {
@@ -242,7 +252,31 @@ fn load_version(
         tracing::info!(model = %name, version, method = explainer.method.name(), why = %explainer.reason,
             "explanations enabled");
     }
+    archive_version(settings, candidate, &model.sha256);
     Ok(Arc::new(model))
+}
+
+/// Keeps the files of a version that loaded as `sha256` in `models.archive`, when set. A failure
+/// does not stop the version serving, but is logged as an error and counted: until it is fixed,
+/// reproducing that version's scores depends on the repository still holding it.
+fn archive_version(settings: &Settings, candidate: &Candidate, sha256: &str) {
+    let Some(folder) = settings.models.archive() else { return };
+    let version = archive::Version {
+        sha256,
+        model_file: &candidate.file,
+        config: candidate.config_text.as_deref().map(str::as_bytes),
+        baseline: candidate.baseline.as_ref().map(|(name, file)| Baseline { name, file }),
+    };
+    match archive::store(folder, &version) {
+        Ok(_) => telemetry::record_model_archived(&candidate.name),
+        Err(error) => {
+            telemetry::record_model_archive_failure(&candidate.name);
+            tracing::error!(model = %candidate.name, version = candidate.version, sha256,
+                archive = %archive::folder(folder, sha256).display(), %error,
+                "model version not archived; it serves, but reproducing its scores depends on the repository \
+                 keeping it until the archive has it (retried at every reload)");
+        }
+    }
 }
 
 /// A version entered the served snapshot.
@@ -256,9 +290,11 @@ fn record_serving(model: &ModelVersion) {
 fn scan(root: &Path) -> Result<Vec<Candidate>, RepositoryError> {
     let mut found = Vec::new();
     for (name, dir) in subdirectories(root)? {
-        let config = Arc::new(read_config(&dir)?);
+        let (config, config_text) = read_config(&dir)?;
+        let (config, config_text) = (Arc::new(config), config_text.map(Arc::from));
         let config_file = dir.join(CONFIG_FILE);
-        let baseline_file = config.explain.as_ref().and_then(|e| e.baseline_file.as_ref()).map(|f| dir.join(f));
+        let baseline_name = config.explain.as_ref().and_then(|e| e.baseline_file.clone());
+        let baseline_file = baseline_name.as_ref().map(|f| dir.join(f));
         let mut on_disk = BTreeMap::new();
         for (version_name, version_dir) in subdirectories(&dir)? {
             let Ok(version) = version_name.parse::<u64>() else { continue };
@@ -272,7 +308,15 @@ fn scan(root: &Path) -> Result<Vec<Candidate>, RepositoryError> {
         let available: Vec<u64> = on_disk.keys().copied().collect();
         for version in config.version_policy.select(&available) {
             if let Some((file, stamp)) = on_disk.remove(&version) {
-                found.push(Candidate { name: name.clone(), version, file, config: Arc::clone(&config), stamp });
+                found.push(Candidate {
+                    name: name.clone(),
+                    version,
+                    file,
+                    config: Arc::clone(&config),
+                    config_text: config_text.clone(),
+                    baseline: baseline_name.clone().zip(baseline_file.clone()),
+                    stamp,
+                });
             }
         }
     }
@@ -291,18 +335,35 @@ fn subdirectories(dir: &Path) -> Result<Vec<(String, PathBuf)>, RepositoryError>
     Ok(found)
 }
 
-fn read_config(model_dir: &Path) -> Result<ModelConfig, RepositoryError> {
+/// A model's config.yaml, read and as written (`None` without one: the default config).
+pub fn read_config(model_dir: &Path) -> Result<(ModelConfig, Option<String>), RepositoryError> {
     let path = model_dir.join(CONFIG_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => ModelConfig::from_yaml(&text).map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfig::default()),
+        Ok(text) => ModelConfig::from_yaml(&text)
+            .map(|config| (config, Some(text)))
+            .map_err(|e| RepositoryError::Config { path, problem: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((ModelConfig::default(), None)),
         Err(e) => Err(RepositoryError::Config { path, problem: e.to_string() }),
     }
+}
+
+/// Every version folder of model `name` in the repository at `root` that holds a model file,
+/// whatever the model's version policy says: `(version, model file)`, by version.
+pub fn version_files(root: &Path, name: &str) -> Result<Vec<(u64, PathBuf)>, RepositoryError> {
+    let mut found: Vec<(u64, PathBuf)> = subdirectories(&root.join(name))?
+        .into_iter()
+        .filter_map(|(version, dir)| Some((version.parse().ok()?, dir.join(MODEL_FILE))))
+        .filter(|(_, file)| file.is_file())
+        .collect();
+    found.sort();
+    Ok(found)
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
+
+    use sha2::Digest;
 
     use super::super::model::VersionPolicy;
     use super::*;
@@ -467,5 +528,35 @@ mod tests {
         std::fs::write(folder.join("baseline.json"), baseline(100.0)).expect("edit baseline");
         let next = scratch.reload(&current).expect("an edited baseline file is a change");
         assert_ne!(base_value(&next), before, "the version was loaded again with the edited baseline");
+    }
+
+    #[test]
+    fn a_version_that_cannot_be_archived_serves_is_counted_and_is_archived_once_it_can() {
+        let mut scratch = Scratch::new();
+        let folder = scratch.root.with_extension("archive");
+        scratch.settings.models.archive = Some(folder.clone());
+        let model_file = scratch.root.join(&scratch.model).join("1").join(MODEL_FILE);
+        let sha256 = format!("{:x}", sha2::Sha256::digest(std::fs::read(&model_file).expect("model file")));
+        // A file where the version's folder goes: the archive cannot store it.
+        std::fs::create_dir_all(&folder).expect("archive");
+        std::fs::write(folder.join(&sha256), b"in the way").expect("blocking file");
+        let failures = |scratch: &Scratch| {
+            let series = format!("{}{{model=\"{}\"}} ", telemetry::MODEL_ARCHIVE_FAILURES, scratch.model);
+            let scrape = telemetry::recorder().render();
+            scrape.lines().find_map(|line| line.strip_prefix(series.as_str())?.parse::<f64>().ok())
+        };
+
+        let current = scratch.load();
+        assert!(current.resolve(&scratch.model, Some(1)).is_ok(), "the version serves all the same");
+        assert_eq!(failures(&scratch), Some(1.0), "the failure is counted");
+
+        std::fs::remove_file(folder.join(&sha256)).expect("out of the way");
+        assert!(scratch.reload(&current).is_none(), "nothing changed in the repository");
+        let archived = std::fs::read(folder.join(&sha256).join(MODEL_FILE)).expect("archived at the next reload");
+        assert_eq!(format!("{:x}", sha2::Sha256::digest(&archived)), sha256);
+        let config = std::fs::read(scratch.root.join(&scratch.model).join(CONFIG_FILE)).expect("config");
+        assert!(folder.join(&sha256).join(archive::config_name(&config)).is_file(), "its config beside it");
+        assert_eq!(failures(&scratch), Some(1.0), "a success is not counted as a failure");
+        let _ = std::fs::remove_dir_all(&folder);
     }
 }

@@ -72,6 +72,11 @@ pub fn record_lines(body: &[u8]) -> impl Iterator<Item = &[u8]> {
     body[..body.len() - 1].split(|byte| *byte == b'\n')
 }
 
+/// Every record of `stream` on the shared broker, first to last.
+pub async fn read_stream(stream: &str) -> Vec<Record> {
+    read_stream_at(&super::default_url(), stream).await
+}
+
 /// Every record of `stream` at `url`, first to last, each checked against the record schema.
 /// Nothing may be writing to the stream: the end is found by a marker appended first.
 pub async fn read_stream_at(url: &str, stream: &str) -> Vec<Record> {
