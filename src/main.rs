@@ -1,9 +1,10 @@
-//! The `batchscore` command line: `worker`, `submit`, `models` and `inspect`.
+//! The `batchscore` command line: `worker`, `submit`, `models`, `inspect` and `audit`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use batchscore::amqp::AmqpError;
+use batchscore::auditor::{AuditCommand, AuditorError};
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
 use batchscore::payload::KeyError;
@@ -43,6 +44,11 @@ enum Command {
         /// Path to model.onnx.
         model: PathBuf,
     },
+    /// Read the audit trail: find records, verify chains.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,7 +65,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Worker => batchscore::telemetry::init_logging(&settings.logging),
         // Their output is the answer; the worker's progress lines would only bury it.
-        Command::Submit(_) | Command::Models | Command::Inspect { .. } => {
+        Command::Submit(_) | Command::Models | Command::Inspect { .. } | Command::Audit { .. } => {
             batchscore::telemetry::init_client_logging(&settings.logging)
         }
     }
@@ -70,18 +76,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `Ok(false)`: the command ran but did not find what it was asked for (exit 1).
     let outcome = runtime.block_on(async {
-        match cli.command {
+        let done = match cli.command {
             Command::Worker => run_worker(settings).await,
             Command::Submit(args) => batchscore::submit::run(&settings, &args).await.map(|summary| {
                 println!("{summary}");
             }),
             Command::Models => batchscore::inspect::list_models(&settings).map(|text| print!("{text}")),
             Command::Inspect { model } => batchscore::inspect::describe(&settings, &model).map(|text| print!("{text}")),
-        }
+            Command::Audit { command } => return run_audit(&settings, &command).await,
+        };
+        done.map(|()| true)
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("batchscore: {}", report(&error));
             ExitCode::from(if is_setup_error(&error) { EXIT_SETUP } else { 1 })
@@ -114,6 +124,7 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<SettingsError>()
             || cause.is::<KeyError>()
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
+            || cause.downcast_ref::<AuditorError>().is_some_and(AuditorError::is_setup)
     })
 }
 
@@ -124,4 +135,18 @@ async fn run_worker(settings: Settings) -> anyhow::Result<()> {
     worker.run(shutdown).await?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// `batchscore audit ...`: the answer on stdout, what the person should know on stderr. `false`:
+/// nothing matched, or a chain is broken (exit 1).
+async fn run_audit(settings: &Settings, command: &AuditCommand) -> anyhow::Result<bool> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let verdict = batchscore::auditor::run(settings, command, &mut out).await;
+    std::io::Write::flush(&mut out).map_err(AuditorError::Output)?;
+    let verdict = verdict?;
+    if let Some(message) = &verdict.message {
+        eprintln!("batchscore: {message}");
+    }
+    Ok(verdict.clean)
 }
