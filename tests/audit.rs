@@ -12,16 +12,14 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use batchscore::settings::Settings;
+use common::stream::{by_job, hex, next_message, read_stream_at, record_lines, subscribe_at, verify_chains, Record};
 use common::{TestWorker, BROKER_PATIENCE};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 /// Values per row of the linear fixture model.
 const FEATURES: usize = 62;
@@ -103,10 +101,6 @@ fn value(seed: u64, row: usize, feature: usize) -> f32 {
     (x * 10f64.powi(feature as i32 % 4)) as f32
 }
 
-fn hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
-}
-
 /// Sends jobs to a worker and keeps every result body, raw, by job id.
 struct Sender {
     _connection: Connection,
@@ -166,19 +160,18 @@ impl Sender {
     /// Receives results until every job of `jobs` has one.
     async fn answers(&mut self, jobs: &[Job]) {
         let started = Instant::now();
-        let missing =
-            |results: &HashMap<String, Vec<Vec<u8>>>| jobs.iter().filter(|j| !results.contains_key(&j.id)).count();
-        while missing(&self.results) > 0 {
+        let mut missing: HashSet<&str> =
+            jobs.iter().map(|j| j.id.as_str()).filter(|id| !self.results.contains_key(*id)).collect();
+        while !missing.is_empty() {
             let left = BROKER_PATIENCE.saturating_sub(started.elapsed());
             let delivery = tokio::time::timeout(left, self.replies.next())
                 .await
-                .unwrap_or_else(|_| {
-                    panic!("{} jobs without a result after {BROKER_PATIENCE:?}", missing(&self.results))
-                })
+                .unwrap_or_else(|_| panic!("{} jobs without a result after {BROKER_PATIENCE:?}", missing.len()))
                 .expect("reply stream open")
                 .expect("delivery");
             let result: Value = serde_json::from_slice(&delivery.data).expect("a result is JSON");
             let id = result["job_id"].as_str().expect("every job of these tests has a job id").to_string();
+            missing.remove(id.as_str());
             self.results.entry(id).or_default().push(delivery.data);
         }
     }
@@ -189,88 +182,9 @@ impl Sender {
     }
 }
 
-/// An audit record as the stream holds it.
-struct Record {
-    body: Vec<u8>,
-    json: Value,
-}
-
-impl Record {
-    fn str(&self, member: &str) -> Option<&str> {
-        self.json[member].as_str()
-    }
-}
-
-/// A consumer of `stream` from its first record, on a connection of its own. A stream is read
-/// with a prefetch, manual acknowledgements and an offset.
-async fn subscribe(stream: &str) -> (Connection, lapin::Consumer) {
-    let connection = common::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-    let deliveries = channel
-        .basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments)
-        .await
-        .expect("consume the stream");
-    (connection, deliveries)
-}
-
-/// The next message of a stream subscription, acknowledged; `waiting` says what the test waited
-/// for when none comes within `patience`.
-async fn next_message(
-    deliveries: &mut lapin::Consumer,
-    patience: Duration,
-    waiting: impl FnOnce() -> String,
-) -> lapin::message::Delivery {
-    let delivery = tokio::time::timeout(patience, deliveries.next())
-        .await
-        .unwrap_or_else(|_| panic!("{}", waiting()))
-        .expect("stream open")
-        .expect("delivery");
-    delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
-    delivery
-}
-
-/// Every record of `stream`, first to last, each checked against the record schema. The worker
-/// has stopped, so nothing follows the marker the test appends to find the end.
+/// Every record of `stream` on the shared broker, first to last.
 async fn read_stream(stream: &str) -> Vec<Record> {
-    let schema_text = std::fs::read(common::root().join("schemas/audit-record.schema.json")).expect("record schema");
-    let schema = jsonschema::validator_for(&serde_json::from_slice(&schema_text).expect("schema is JSON"))
-        .expect("schema compiles");
-    let connection = common::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel.confirm_select(Default::default()).await.expect("confirms");
-    let end = uuid::Uuid::new_v4().to_string();
-    let marker = BasicProperties::default().with_type("test.end".into()).with_message_id(end.as_str().into());
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            stream.into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
-            b"{}",
-            marker,
-        )
-        .await
-        .expect("publish the end marker");
-    let confirmation =
-        tokio::time::timeout(BROKER_PATIENCE, confirm).await.expect("confirmed in time").expect("confirm");
-    assert!(matches!(confirmation, lapin::Confirmation::Ack(None)), "the stream {stream} takes the end marker");
-    let (_subscription, mut deliveries) = subscribe(stream).await;
-    let mut records = Vec::new();
-    loop {
-        let end_not_reached = || format!("the end of {stream} not reached after {} records", records.len());
-        let delivery = next_message(&mut deliveries, BROKER_PATIENCE, end_not_reached).await;
-        if delivery.properties.message_id().as_ref().map(|m| m.as_str()) == Some(end.as_str()) {
-            return records;
-        }
-        assert_eq!(delivery.properties.kind().as_ref().map(|t| t.as_str()), Some("scoring.audit"));
-        let json: Value = serde_json::from_slice(&delivery.data).expect("a record is JSON");
-        if let Err(error) = schema.validate(&json) {
-            panic!("record does not match schemas/audit-record.schema.json: {error}\n{json}");
-        }
-        records.push(Record { body: delivery.data, json });
-    }
+    read_stream_at(&common::default_url(), stream).await
 }
 
 /// The jobs ready in the test's jobs queue: neither acknowledged nor held by a worker.
@@ -283,49 +197,17 @@ async fn ready_jobs(channel: &Channel, settings: &Settings) -> usize {
 
 /// Consumes `stream` from its first record until records of all jobs `ids` are in it.
 async fn wait_for_records(stream: &str, mut ids: HashSet<&str>) {
-    let (_connection, mut deliveries) = subscribe(stream).await;
+    let (_connection, mut deliveries) = subscribe_at(&common::default_url(), stream).await;
     let started = Instant::now();
     while !ids.is_empty() {
         let left = BROKER_PATIENCE.saturating_sub(started.elapsed());
         let delivery =
             next_message(&mut deliveries, left, || format!("{} jobs without a record in {stream}", ids.len())).await;
-        let record: Value = serde_json::from_slice(&delivery.data).expect("a record is JSON");
-        ids.remove(record["job_id"].as_str().unwrap_or_default());
-    }
-}
-
-/// Checks every chain in `records` (stream order): each starts at seq 0 without a previous
-/// record, and each next record has the next seq and the sha256 of the previous body. Returns the
-/// number of chains, or what breaks one.
-fn verify_chains(records: &[Record]) -> Result<usize, String> {
-    let mut last: HashMap<&str, (u64, String)> = HashMap::new();
-    for record in records {
-        let chain = record.str("chain_id").ok_or("a record without chain_id")?;
-        let seq = record.json["seq"].as_u64().ok_or("a record without seq")?;
-        let prev = record.str("prev_sha256");
-        match last.get(chain) {
-            None if seq == 0 && prev.is_none() => {}
-            None => return Err(format!("chain {chain} starts at seq {seq} (prev {prev:?}), not at 0")),
-            Some((before, _)) if seq != before + 1 => {
-                return Err(format!("chain {chain}: seq {seq} follows seq {before}"));
-            }
-            Some((_, digest)) if prev != Some(digest.as_str()) => {
-                return Err(format!("chain {chain}: seq {seq} names {prev:?}, the previous record is {digest}"));
-            }
-            Some(_) => {}
+        for line in record_lines(&delivery.data) {
+            let record: Value = serde_json::from_slice(line).expect("a record is JSON");
+            ids.remove(record["job_id"].as_str().unwrap_or_default());
         }
-        last.insert(chain, (seq, hex(&record.body)));
     }
-    Ok(last.len())
-}
-
-/// The records by job id.
-fn by_job(records: &[Record]) -> HashMap<&str, Vec<&Record>> {
-    let mut jobs: HashMap<&str, Vec<&Record>> = HashMap::new();
-    for record in records {
-        jobs.entry(record.str("job_id").expect("these tests' jobs all have ids")).or_default().push(record);
-    }
-    jobs
 }
 
 /// The `outputs` member of a result body, exactly as the body holds it.
@@ -377,7 +259,7 @@ async fn answer_and_record(settings: &Settings, jobs: &[Job]) -> (Sender, Vec<Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answered_job_has_exactly_one_record_with_its_inputs_digest() {
     let settings = audited("audit-every");
-    let jobs = Job::mix("every", 3000);
+    let jobs = Job::mix("every", 10_000);
     let (sender, records) = answer_and_record(&settings, &jobs).await;
     let recorded = by_job(&records);
     assert_eq!(records.len(), jobs.len(), "one record per job");

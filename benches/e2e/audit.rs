@@ -1,7 +1,7 @@
 //! What the audit trail costs in throughput: the worker draining pre-filled queues of the local
-//! RabbitMQ with `audit.enabled` off against on (docs/AUDIT.md). On, the worker publishes one
-//! record per answered job to a stream and acknowledges the job only once the broker confirmed
-//! both its result and its record.
+//! RabbitMQ with `audit.enabled` off against on (docs/AUDIT.md). On, the worker publishes a record
+//! per answered job to a stream, the records of each confirm round as one message, and
+//! acknowledges the job only once the broker confirmed both its result and its record.
 //!
 //! For 1-row and 100-row jobs of the demo model, the same number of jobs is drained once per
 //! variant in each of [`ROUNDS`] rounds, the variants alternating (off, on, off, on, …), each
@@ -19,9 +19,8 @@ use crate::scenarios;
 use crate::variants::{self, Comparison, Plan, Run, ROUNDS};
 use crate::Bench;
 
-/// The longest wait for the stream's message count to reach the jobs drained: the broker updates
-/// it from its statistics, seconds after the records are stored.
-const COUNT_WITHIN: Duration = Duration::from_secs(30);
+/// The longest wait for each read of the stream while its records are counted.
+const READ_PATIENCE: Duration = Duration::from_secs(30);
 
 /// One state of the audit trail; `setup` is whether it is on.
 pub type Variant = variants::Variant<bool>;
@@ -71,8 +70,7 @@ async fn drain(bench: &Bench, variant: Variant, jobs: usize, rows_per_job: usize
     let drained = plan.drain(bench, None::<std::future::Ready<()>>).await;
     let recorded = match (&drained, &topology.audit_stream) {
         (Ok(_), Some(stream)) => {
-            let expected = u32::try_from(jobs)?;
-            Some(bench.broker.message_count(stream, expected, COUNT_WITHIN).await.map(|count| (stream, count)))
+            Some(bench.broker.count_records(stream, READ_PATIENCE).await.map(|count| (stream, count)))
         }
         _ => None,
     };
@@ -80,7 +78,7 @@ async fn drain(bench: &Bench, variant: Variant, jobs: usize, rows_per_job: usize
     let (run, _) = drained?;
     if let Some(recorded) = recorded {
         let (stream, count) = recorded?;
-        ensure!(count as usize == jobs, "the audit stream {stream} holds {count} records for {jobs} jobs");
+        ensure!(count == jobs, "the audit stream {stream} holds {count} records for {jobs} jobs");
     }
     Ok(run)
 }

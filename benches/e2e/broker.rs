@@ -27,8 +27,6 @@ const SPOT_JOBS: usize = 10;
 const SPOT_ROWS: usize = 5;
 /// Float32 scores may differ in their last bits with the batch they ran in.
 const SPOT_TOLERANCE: f64 = 1e-5;
-/// How often [`Broker::message_count`] asks again.
-const COUNT_POLL: Duration = Duration::from_millis(250);
 
 /// The queues and exchange of one measurement, named like the worker's settings.
 #[derive(Debug, Clone)]
@@ -131,20 +129,41 @@ impl Broker {
         }
     }
 
-    /// The messages in `queue` (a passive declare), waiting up to `within` for them to reach
-    /// `expected`: a stream's count is the broker's statistics, which lag its writes by seconds.
-    pub async fn message_count(&self, queue: &str, expected: u32, within: Duration) -> Result<u32> {
-        let deadline = Instant::now() + within;
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    /// The audit records in `stream`: the lines of its messages of records, read from the first
+    /// to an end marker this publishes, each read waiting at most `patience`. The stream's own
+    /// message count would not do: a message holds a confirm round's records, and the count lags
+    /// the broker's writes by seconds.
+    pub async fn count_records(&self, stream: &str, patience: Duration) -> Result<usize> {
+        let channel = self.publishing.create_channel().await.context("opening a channel")?;
+        channel.confirm_select(Default::default()).await.context("enabling publisher confirms")?;
+        let end = uuid::Uuid::new_v4().to_string();
+        let marker = BasicProperties::default().with_type("bench.end".into()).with_message_id(end.as_str().into());
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm = channel.basic_publish("".into(), stream.into(), options, b"", marker).await?;
+        ensure!(
+            matches!(tokio::time::timeout(patience, confirm).await, Ok(Ok(lapin::Confirmation::Ack(None)))),
+            "the stream {stream} did not store the end marker"
+        );
+        // A stream is read with a prefetch, manual acknowledgements and an offset.
+        channel.basic_qos(1_000, Default::default()).await.context("setting the prefetch")?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-stream-offset".into(), lapin::types::AMQPValue::LongString("first".into()));
+        let mut deliveries = channel
+            .basic_consume(stream.into(), "".into(), BasicConsumeOptions::default(), arguments)
+            .await
+            .with_context(|| format!("reading the stream {stream}"))?;
+        let mut records = 0;
         loop {
-            let channel = self.publishing.create_channel().await.context("opening a channel")?;
-            let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await;
-            let count = declared.with_context(|| format!("{queue} is not there"))?.message_count();
-            let _ = channel.close(200, "counted".into()).await;
-            if count >= expected || Instant::now() >= deadline {
-                return Ok(count);
+            let delivery = tokio::time::timeout(patience, deliveries.next())
+                .await
+                .with_context(|| format!("the end of {stream} not reached after {records} records"))?
+                .with_context(|| format!("the stream {stream} ended"))??;
+            delivery.acker.ack(Default::default()).await?;
+            if delivery.properties.message_id().as_ref().is_some_and(|id| id.as_str() == end) {
+                let _ = channel.close(200, "counted".into()).await;
+                return Ok(records);
             }
-            tokio::time::sleep(COUNT_POLL).await;
+            records += memchr::memchr_iter(b'\n', &delivery.data).count();
         }
     }
 

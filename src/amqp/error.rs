@@ -59,17 +59,22 @@ pub enum AmqpError {
     )]
     AuditStream { stream: String, source: lapin::Error },
     #[error(
-        "the audit stream {stream} does not exist: the record of job {job_id} came back unroutable, so the job stays \
-         unacknowledged and returns to its queue. Declare the stream (amqp.declare_queues: true declares it at \
+        "the audit stream {stream} does not exist: the records of job {job_id} and the jobs published with it came \
+         back unroutable, so those jobs stay unacknowledged and return to their queues. Declare the stream (amqp.declare_queues: true declares it at \
          start-up) or set audit.enabled: false"
     )]
     AuditStreamMissing { stream: String, job_id: String },
     #[error(
-        "the broker refused the record of job {job_id} on the audit stream {stream}, so the job stays \
-         unacknowledged and returns to its queue; the broker's log says why (a disk alarm, a stream without a \
+        "the broker refused the records of job {job_id} and the jobs published with it on the audit stream \
+         {stream}, so those jobs stay unacknowledged and return to their queues; the broker's log says why (a disk alarm, a stream without a \
          leader)"
     )]
     AuditRecordRefused { stream: String, job_id: String },
+    #[error(
+        "the broker session ended before the audit record of a job was confirmed; the job stays unacknowledged and \
+         returns to its queue"
+    )]
+    AuditUnconfirmed,
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     #[error("the broker did not confirm a result or an audit record within {0} ms (amqp.confirm_timeout_ms)")]

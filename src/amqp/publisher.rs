@@ -1,7 +1,7 @@
 //! The result publisher: publishes each result (and, for a job that cannot be scored, a copy
 //! of the job to the dead-letter exchange; with the audit trail on, its record, through the
-//! [`Recorder`]) with publisher confirms, and acknowledges the job only once the broker has
-//! confirmed everything published for it. Every job's publish, confirm and acknowledgement run
+//! [`Recorder`], batched per confirm round) with publisher confirms, and acknowledges the job only
+//! once the broker has confirmed everything published for it. Every job's publish, confirm and acknowledgement run
 //! concurrently with the others', so neither a slow confirm nor the round trip of one frame holds
 //! back the jobs behind it. The result of a job that came encrypted is encrypted here, once, with
 //! the job's key, and marked with its headers.
@@ -47,9 +47,10 @@ struct Settled {
 
 /// Publishes until `results` closes and every job is settled. At most one job per unacknowledged
 /// delivery is in flight, so the prefetch bounds the jobs in here. With `audit` (the trail on),
-/// each job's record is published here, one at a time in the order the results come, and its
-/// confirm awaited with the result's: a record the stream does not store fails the stage, so the
-/// job is never acknowledged and the next session starts a new chain.
+/// the records go to the stream in the order the results come, one message per confirm round:
+/// the records of the results that came while the previous message awaited its confirm. Each job
+/// waits for its record's confirm with its result's: a message the stream does not store fails
+/// the stage, so its jobs are never acknowledged and the next session starts a new chain.
 pub async fn run(
     channel: Channel,
     settings: AmqpSettings,
@@ -57,22 +58,39 @@ pub async fn run(
     mut results: mpsc::Receiver<Outgoing>,
 ) -> Result<(), AmqpError> {
     let fallback = ShortString::from(settings.results_queue.as_str());
+    let timeout = Duration::from_millis(settings.confirm_timeout_ms);
     let mut recorder = audit.map(|audit| Recorder::new(channel.clone(), &settings, &audit));
     let mut in_flight = FuturesUnordered::new();
+    let mut recordings = FuturesUnordered::new();
     let mut open = true;
     loop {
         tokio::select! {
             outgoing = results.recv(), if open => match outgoing {
                 Some(outgoing) => {
-                    let recording = match recorder.as_mut() {
-                        Some(recorder) => Some(recorder.record(&outgoing).await?),
-                        None => None,
-                    };
-                    in_flight.push(deliver(&channel, &settings, &fallback, outgoing, recording));
+                    let mut next = Some(outgoing);
+                    while let Some(outgoing) = next.take() {
+                        let recording = recorder.as_mut().map(|recorder| recorder.add(&outgoing)).transpose()?;
+                        in_flight.push(deliver(&channel, &settings, &fallback, outgoing, recording));
+                        // The results already waiting share this round's message of records.
+                        if recorder.as_ref().is_some_and(|recorder| !recorder.is_full()) {
+                            next = results.try_recv().ok();
+                        }
+                    }
+                    // One message of records awaits its confirm at a time: the records of results
+                    // that come meanwhile go together in the next, unless they fill a message.
+                    if let Some(recorder) = recorder.as_mut().filter(|r| recordings.is_empty() || r.is_full()) {
+                        recordings.extend(recorder.publish(timeout).await?);
+                    }
                 }
                 None => open = false,
             },
             Some(delivered) = in_flight.next() => delivered?,
+            Some(recorded) = recordings.next() => {
+                recorded?;
+                if let Some(recorder) = recorder.as_mut().filter(|_| recordings.is_empty()) {
+                    recordings.extend(recorder.publish(timeout).await?);
+                }
+            }
             else => return Ok(()),
         }
     }
@@ -98,10 +116,9 @@ async fn deliver(
         outgoing.body = key.seal(&outgoing.body);
     }
     let publication = Publication { outgoing, routing_key, attempt: 1 };
-    let timeout = Duration::from_millis(settings.confirm_timeout_ms);
     let recorded = async move {
         match recording {
-            Some(recording) => recording.stored(timeout).await,
+            Some(recording) => recording.stored().await,
             None => Ok(()),
         }
     };

@@ -1,15 +1,19 @@
 //! The audit stream's writer: appends each answered job's record to this session's
-//! [`audit::Chain`] and publishes it to the stream, one record at a time, so the order of `seq`
-//! is the order of the records on the channel; then judges the broker's confirm of each. A
-//! record goes as a mandatory message: a stream that does not exist sends it back instead of
-//! dropping it. The publisher acknowledges a job only once its record is [`Recording::stored`].
+//! [`audit::Chain`] and publishes the records to the stream in batches, one message of JSON Lines
+//! per confirm round (the publisher says when), in chain order, so the order of `seq` is the
+//! order of the records in the stream.
+//! It then judges the broker's confirm of each message. A message goes mandatory: a stream that
+//! does not exist sends it back instead of dropping it. The publisher acknowledges a job only
+//! once its record is [`Recording::stored`].
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, PublisherConfirm};
+use lapin::{BasicProperties, Channel};
+use tokio::sync::watch;
 
 use super::confirm::{confirmed, Confirmed};
 use super::{AmqpError, Inbound};
@@ -17,8 +21,15 @@ use crate::audit::{self, Answer, AuditError};
 use crate::flow::Outgoing;
 use crate::settings::{AmqpSettings, AuditSettings};
 
-/// The `type` property of an audit record.
+/// The `type` property of a message of audit records.
 pub const RECORD_TYPE: &str = "scoring.audit";
+/// The content type of a message of audit records: one JSON record per line.
+pub const RECORDS_CONTENT_TYPE: &str = "application/x-ndjson";
+/// Most records in one message: a message is confirmed whole, so this bounds the jobs one
+/// refused message sends back to their queues.
+const MAX_RECORDS_PER_MESSAGE: usize = 512;
+/// Most bytes of records in one message, for records that hold inputs and outputs.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Publishes the records of one broker session's chain.
 pub struct Recorder {
@@ -26,15 +37,26 @@ pub struct Recorder {
     stream: Arc<str>,
     chain: audit::Chain,
     amqp: AmqpSettings,
+    pending: Pending,
 }
 
-/// A published record on its way to the broker's confirm.
-pub struct Recording {
-    confirm: PublisherConfirm,
-    stream: Arc<str>,
-    /// The job's id as messages show it.
-    job_id: String,
+/// The records waiting for the next message.
+struct Pending {
+    body: Vec<u8>,
+    records: usize,
+    /// The first record's job, as messages show it, to name in an error.
+    first_job_id: String,
+    stored: watch::Sender<bool>,
 }
+
+impl Pending {
+    fn new() -> Self {
+        Pending { body: Vec::new(), records: 0, first_job_id: String::new(), stored: watch::channel(false).0 }
+    }
+}
+
+/// A job's record in a message on its way to the broker's confirm.
+pub struct Recording(watch::Receiver<bool>);
 
 impl Recorder {
     /// A recorder starting a new chain on `channel`, which has publisher confirms.
@@ -42,12 +64,13 @@ impl Recorder {
         let chain = audit::Chain::start(audit);
         tracing::info!(stream = %audit.stream, worker_id = %audit.worker_id, chain_id = chain.id(),
             "recording every answered job in the audit stream");
-        Recorder { channel, stream: Arc::from(audit.stream.as_str()), chain, amqp: amqp.clone() }
+        let stream = Arc::from(audit.stream.as_str());
+        Recorder { channel, stream, chain, amqp: amqp.clone(), pending: Pending::new() }
     }
 
-    /// Publishes the record of `outgoing`, whose body is still plaintext. Await each call before
-    /// the next: the order of the calls is the order of the chain.
-    pub async fn record(&mut self, outgoing: &Outgoing) -> Result<Recording, AmqpError> {
+    /// Appends the record of `outgoing`, whose body is still plaintext, to the next message. The
+    /// order of the calls is the order of the chain.
+    pub fn add(&mut self, outgoing: &Outgoing) -> Result<Recording, AmqpError> {
         let job = outgoing.delivery.open::<Inbound>().ok_or(AmqpError::ForeignDelivery)?;
         let job_id = outgoing.job_id.as_deref();
         let provenance =
@@ -66,14 +89,51 @@ impl Recorder {
             provenance,
         };
         let record = self.chain.append(&answer)?;
+        let pending = &mut self.pending;
+        if pending.records == 0 {
+            pending.first_job_id = audit::shown(job_id);
+        }
+        pending.body.extend_from_slice(&record);
+        pending.body.push(b'\n');
+        pending.records += 1;
+        Ok(Recording(pending.stored.subscribe()))
+    }
+
+    /// Whether the next message is as large as one may be: publish it before adding more.
+    pub fn is_full(&self) -> bool {
+        self.pending.records >= MAX_RECORDS_PER_MESSAGE || self.pending.body.len() >= MAX_MESSAGE_BYTES
+    }
+
+    /// Publishes the records added since the last call as one message; returns the wait for its
+    /// confirm, which marks each of its records stored, or fails the session when the stream did
+    /// not store them. `None` when no record was added.
+    pub async fn publish(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<impl Future<Output = Result<(), AmqpError>>>, AmqpError> {
+        if self.pending.records == 0 {
+            return Ok(None);
+        }
+        let Pending { body, first_job_id, stored, .. } = std::mem::replace(&mut self.pending, Pending::new());
         let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
+            .with_content_type(RECORDS_CONTENT_TYPE.into())
             .with_delivery_mode(2)
             .with_type(RECORD_TYPE.into());
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let stream = ShortString::from(&*self.stream);
-        let confirm = self.channel.basic_publish("".into(), stream, options, &record, properties).await?;
-        Ok(Recording { confirm, stream: Arc::clone(&self.stream), job_id: audit::shown(job_id) })
+        let confirm = self.channel.basic_publish("".into(), stream, options, &body, properties).await?;
+        let stream = self.stream.to_string();
+        Ok(Some(async move {
+            match Confirmed::from(&confirmed(confirm, timeout).await?) {
+                Confirmed::Stored => {
+                    // Ignored error: no job waits on these records any more (the session ends).
+                    let _ = stored.send(true);
+                    Ok(())
+                }
+                Confirmed::Returned => Err(AmqpError::AuditStreamMissing { stream, job_id: first_job_id }),
+                Confirmed::Refused => Err(AmqpError::AuditRecordRefused { stream, job_id: first_job_id }),
+            }
+        }))
     }
 }
 
@@ -83,14 +143,13 @@ fn text(value: &Option<ShortString>) -> Option<&str> {
 }
 
 impl Recording {
-    /// Waits for the broker's confirm: `Ok` once the stream stored the record.
-    pub async fn stored(self, timeout: Duration) -> Result<(), AmqpError> {
-        let Recording { confirm, stream, job_id } = self;
-        let stream = stream.to_string();
-        match Confirmed::from(&confirmed(confirm, timeout).await?) {
-            Confirmed::Stored => Ok(()),
-            Confirmed::Returned => Err(AmqpError::AuditStreamMissing { stream, job_id }),
-            Confirmed::Refused => Err(AmqpError::AuditRecordRefused { stream, job_id }),
+    /// Waits until the broker has stored the record. The wait for the message's confirm, not
+    /// this, fails when the record is not stored; this one ends with an error only when that wait
+    /// is gone, with the session.
+    pub async fn stored(mut self) -> Result<(), AmqpError> {
+        match self.0.wait_for(|stored| *stored).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(AmqpError::AuditUnconfirmed),
         }
     }
 }

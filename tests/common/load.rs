@@ -44,13 +44,19 @@ pub async fn publish_jobs(jobs_queue: &str, reply_queue: &str, n: usize) {
 }
 
 pub async fn publish_jobs_at(url: &str, jobs_queue: &str, reply_queue: &str, n: usize) {
+    publish_job_range_at(url, jobs_queue, reply_queue, 0..n).await;
+}
+
+/// Publishes jobs `range` like [`publish_jobs_at`]: a later part of the same run.
+pub async fn publish_job_range_at(url: &str, jobs_queue: &str, reply_queue: &str, range: std::ops::Range<usize>) {
+    let n = range.len();
     let rows = expected("linear_v1")["rows"].clone();
     let connection = connect_to(url).await;
     let channel = connection.create_channel().await.expect("channel");
     channel.confirm_select(Default::default()).await.expect("confirms");
     let published = async {
         let mut confirms = Vec::with_capacity(n);
-        for i in 0..n {
+        for i in range {
             let body = serde_json::to_vec(
                 &json!({"job_id": format!("job-{i}"), "model": "linear", "model_version": "1", "rows": [rows[i % 64]]}),
             )

@@ -27,6 +27,7 @@ pub mod certificates;
 pub mod load;
 pub mod private_broker;
 mod process;
+pub mod stream;
 
 pub use process::run_bounded;
 
