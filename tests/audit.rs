@@ -500,3 +500,39 @@ async fn reading_a_stream_that_does_not_exist_exits_2_naming_it() {
     assert_eq!(output.status.code(), Some(2), "{message}");
     assert!(message.contains(&stream) && message.contains("audit.stream"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_workers_first_chain_names_the_last_record_of_its_chain_before() {
+    let settings = audited("audit-link");
+    let (mut sender, before) = answer_and_record(&settings, &Job::mix("link-first", 60)).await;
+    let first_chain = before[0].str("chain_id").expect("chain_id").to_string();
+    assert_eq!(before[0].json["previous_chain"], Value::Null, "no earlier record of this worker in the stream");
+    let last = before.last().expect("records");
+
+    // A new worker process on the same stream.
+    let worker = TestWorker::start(settings.clone()).await;
+    let second = Job::mix("link-second", 60);
+    sender.send(&second).await;
+    sender.answers(&second).await;
+    assert_eq!(worker.stop().await, 0, "every job acknowledged");
+
+    let stream = settings.audit.stream.as_str();
+    let all = audit_command(&["find", "--stream", stream, "--idle-ms", "1000", "--format", "jsonl"]).await;
+    assert_eq!(all.status.code(), Some(0), "{}", text(&all.stderr));
+    let records: Vec<Value> =
+        text(&all.stdout).lines().map(|line| serde_json::from_str(line).expect("a record is JSON")).collect();
+    assert_eq!(records.len(), 120, "both workers' records");
+    let start = records
+        .iter()
+        .find(|record| record["seq"] == 0 && record["chain_id"].as_str() != Some(first_chain.as_str()))
+        .expect("the second worker's chain");
+    let named = json!({"chain_id": first_chain, "seq": last.json["seq"], "sha256": hex(&last.body)});
+    assert_eq!(start["previous_chain"], named, "the link to the last record of the chain before");
+    assert!(records.iter().filter(|r| r["seq"] != 0).all(|r| r["previous_chain"].is_null()));
+
+    let verified = audit_command(&["verify-chain", "--stream", stream, "--idle-ms", "1000"]).await;
+    let report = text(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(0), "{report}{}", text(&verified.stderr));
+    assert!(report.contains("total: 2 chains, 120 records: all chains whole"), "{report}");
+    clean_up(&settings).await;
+}

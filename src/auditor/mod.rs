@@ -2,12 +2,14 @@
 //! a model or a publisher ([`find`]), and verifying that every chain of records is whole
 //! ([`verify`]). Both take records one by one from a [`source::RecordSource`] (the audit stream
 //! on the broker, [`source::StreamSource`]), so another store of the same records can feed
-//! them. Writing records is the worker's (`audit`, `amqp::recorder`); nothing here writes.
+//! them; [`tail`] finds a worker's last record for the worker's first chain to name. Writing
+//! records is the worker's (`audit`, `amqp::recorder`); nothing here writes.
 
 pub mod error;
 pub mod find;
 pub mod record;
 pub mod source;
+pub mod tail;
 pub mod time;
 pub mod verify;
 
