@@ -2,10 +2,11 @@
 //! scored which rows, for whom, with what outcome), the digest of a job's rows, and the chain
 //! that makes a removed, reordered or altered record visible. Each [`Chain`] numbers its records
 //! `seq` 0, 1, 2, … and gives each the sha256 of the previous record's body; whoever appends to
-//! it must publish the records in that order. The stream the records go to is the transport's
-//! (`amqp::publisher`); nothing here names it. docs/AUDIT.md describes the record.
+//! it must publish the records in that order. A chain's first record names the last confirmed
+//! record of the worker's chain before it, which [`ChainEnds`] keeps across broker sessions.
+//! The stream the records go to is the transport's (`amqp::publisher`); nothing here names it. docs/AUDIT.md describes the record.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::ser::{SerializeSeq, Serializer};
 use serde::Serialize;
@@ -93,24 +94,87 @@ pub struct Answer<'a> {
     pub provenance: &'a Provenance,
 }
 
+/// A record of a chain as the next chain's first record names it (`previous_chain`): the last
+/// record of the worker's chain before, that the broker confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainEnd {
+    pub chain_id: String,
+    pub seq: u64,
+    /// Hex sha256 of the record's body.
+    pub sha256: String,
+}
+
+/// The last confirmed record of a worker process's chains, shared by its broker sessions: each
+/// session's writer reports the records the broker confirmed, and the next session's chain
+/// names the end. Confirms may be reported out of order; the end moves only over an unbroken run
+/// of confirmed records, so every record of the chain up to it is stored.
+#[derive(Debug, Clone, Default)]
+pub struct ChainEnds(Arc<Mutex<Confirmed>>);
+
+#[derive(Debug, Default)]
+struct Confirmed {
+    end: Option<ChainEnd>,
+    /// Confirmed runs of the newest chain that do not join the end yet: first `seq`, last record.
+    waiting: Vec<(u64, ChainEnd)>,
+}
+
+impl ChainEnds {
+    /// The end the next chain names; `None` when none is known.
+    pub fn last(&self) -> Option<ChainEnd> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).end.clone()
+    }
+
+    /// The end of an earlier process's chain, found in the stream: kept unless a session of this
+    /// process has had records confirmed meanwhile.
+    pub fn found(&self, end: ChainEnd) {
+        let mut confirmed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if confirmed.end.is_none() && confirmed.waiting.is_empty() {
+            confirmed.end = Some(end);
+        }
+    }
+
+    /// The broker confirmed the records from `first_seq` to `last.seq` of `last.chain_id`.
+    pub fn confirmed(&self, first_seq: u64, last: ChainEnd) {
+        let mut confirmed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only the newest chain moves on: an older one's session has ended.
+        confirmed.waiting.retain(|(_, end)| end.chain_id == last.chain_id);
+        confirmed.waiting.push((first_seq, last));
+        loop {
+            let known = confirmed.end.as_ref();
+            let joins = |first: u64, end: &ChainEnd| match known {
+                Some(known) if known.chain_id == end.chain_id => first == known.seq + 1,
+                _ => first == 0,
+            };
+            let Some(at) = confirmed.waiting.iter().position(|(first, end)| joins(*first, end)) else {
+                return;
+            };
+            let (_, end) = confirmed.waiting.swap_remove(at);
+            confirmed.end = Some(end);
+        }
+    }
+}
+
 /// One worker process's chain of records for one broker session, and what records hold.
 pub struct Chain {
     worker_id: Arc<str>,
     chain_id: String,
     next_seq: u64,
     previous: Option<[u8; 32]>,
+    /// What the first record names as `previous_chain`.
+    previous_chain: Option<ChainEnd>,
     include_outputs: bool,
     include_inputs: bool,
 }
 
 impl Chain {
-    /// A new chain: a fresh `chain_id`, `seq` from 0.
-    pub fn start(settings: &AuditSettings) -> Self {
+    /// A new chain: a fresh `chain_id`, `seq` from 0, its first record naming `previous_chain`.
+    pub fn start(settings: &AuditSettings, previous_chain: Option<ChainEnd>) -> Self {
         Chain {
             worker_id: Arc::from(settings.worker_id.as_str()),
             chain_id: uuid::Uuid::new_v4().to_string(),
             next_seq: 0,
             previous: None,
+            previous_chain,
             include_outputs: settings.include_outputs,
             include_inputs: settings.include_inputs,
         }
@@ -118,6 +182,17 @@ impl Chain {
 
     pub fn id(&self) -> &str {
         &self.chain_id
+    }
+
+    /// The `seq` of the next record.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The last record appended, as a later chain would name it; `None` before the first.
+    pub fn end(&self) -> Option<ChainEnd> {
+        let sha256 = hex(self.previous?);
+        Some(ChainEnd { chain_id: self.chain_id.clone(), seq: self.next_seq.checked_sub(1)?, sha256 })
     }
 
     /// The body of the record of `answer`, next in the chain. The chain moves on only when the
@@ -141,6 +216,7 @@ impl Chain {
             chain_id: &self.chain_id,
             seq: self.next_seq,
             prev_sha256: self.previous.map(hex),
+            previous_chain: self.previous_chain.as_ref().filter(|_| self.next_seq == 0),
             job_id: answer.job_id,
             correlation_id: answer.correlation_id,
             user_id: answer.user_id,
@@ -191,6 +267,8 @@ struct Record<'a> {
     chain_id: &'a str,
     seq: u64,
     prev_sha256: Option<String>,
+    /// Only on `seq` 0, else `null`.
+    previous_chain: Option<&'a ChainEnd>,
     job_id: Option<&'a str>,
     correlation_id: Option<&'a str>,
     user_id: Option<&'a str>,
@@ -278,7 +356,7 @@ mod tests {
     #[test]
     fn each_record_names_the_previous_one_by_the_digest_of_its_body() {
         let provenance = provenance(false);
-        let mut chain = Chain::start(&settings(true, false));
+        let mut chain = Chain::start(&settings(true, false), None);
         let first = chain.append(&answer(&provenance, RESULT, false)).expect("appended");
         let second = chain.append(&answer(&provenance, RESULT, false)).expect("appended");
         let (first_json, second_json) = (json(&first), json(&second));
@@ -291,13 +369,13 @@ mod tests {
     #[test]
     fn outputs_and_inputs_are_recorded_as_the_settings_say() {
         let kept = provenance(true);
-        let mut chain = Chain::start(&settings(true, true));
+        let mut chain = Chain::start(&settings(true, true), None);
         let record = json(&chain.append(&answer(&kept, RESULT, false)).expect("appended"));
         assert_eq!(record["outputs"], serde_json::json!({"score": [0.25, 0.75]}));
         assert_eq!(record["outputs_sha256"], format!("{:x}", Sha256::digest(br#"{"score":[0.25,0.75]}"#)));
         assert_eq!(record["inputs"], serde_json::json!([[1.0, -0.5], [3.25, 0.0]]));
 
-        let mut chain = Chain::start(&settings(false, false));
+        let mut chain = Chain::start(&settings(false, false), None);
         let record = json(&chain.append(&answer(&provenance(false), RESULT, false)).expect("appended"));
         assert!(record.get("outputs").is_none() && record.get("inputs").is_none(), "{record}");
         assert_eq!(record["outputs_sha256"], format!("{:x}", Sha256::digest(br#"{"score":[0.25,0.75]}"#)));
@@ -307,7 +385,7 @@ mod tests {
     #[test]
     fn an_encrypted_jobs_record_holds_digests_only() {
         let kept = provenance(true);
-        let mut chain = Chain::start(&settings(true, true));
+        let mut chain = Chain::start(&settings(true, true), None);
         let record = json(&chain.append(&answer(&kept, RESULT, true)).expect("appended"));
         assert!(record.get("outputs").is_none() && record.get("inputs").is_none(), "{record}");
         assert_eq!(record["encrypted"], true);
@@ -317,8 +395,49 @@ mod tests {
     #[test]
     fn a_record_that_cannot_be_written_leaves_no_gap() {
         let provenance = provenance(false);
-        let mut chain = Chain::start(&settings(true, false));
+        let mut chain = Chain::start(&settings(true, false), None);
         assert!(chain.append(&answer(&provenance, b"{\"status\":\"ok\"}", false)).is_err());
         assert_eq!(json(&chain.append(&answer(&provenance, RESULT, false)).expect("appended"))["seq"], 0);
+    }
+
+    fn end(chain_id: &str, seq: u64) -> ChainEnd {
+        ChainEnd { chain_id: chain_id.into(), seq, sha256: format!("{seq:064x}") }
+    }
+
+    #[test]
+    fn the_first_record_names_the_previous_chain_and_the_others_null() {
+        let provenance = provenance(false);
+        let mut chain = Chain::start(&settings(true, false), Some(end("before", 41)));
+        assert_eq!(chain.end(), None);
+        let first = json(&chain.append(&answer(&provenance, RESULT, false)).expect("appended"));
+        let named = serde_json::json!({"chain_id": "before", "seq": 41, "sha256": format!("{:064x}", 41)});
+        assert_eq!(first["previous_chain"], named);
+        let second = chain.append(&answer(&provenance, RESULT, false)).expect("appended");
+        assert_eq!(json(&second)["previous_chain"], serde_json::Value::Null);
+        let last = chain.end().expect("two records");
+        assert_eq!((last.seq, last.sha256), (1, format!("{:x}", Sha256::digest(&second))));
+        let mut unknown = Chain::start(&settings(true, false), None);
+        let first = json(&unknown.append(&answer(&provenance, RESULT, false)).expect("appended"));
+        assert!(first.get("previous_chain").is_some_and(serde_json::Value::is_null), "{first}");
+    }
+
+    #[test]
+    fn the_confirmed_end_moves_only_over_unbroken_runs() {
+        let ends = ChainEnds::default();
+        ends.found(end("old", 9));
+        assert_eq!(ends.last(), Some(end("old", 9)));
+        // Records 4-7 confirmed before 0-3: the end waits for 0-3.
+        ends.confirmed(4, end("new", 7));
+        assert_eq!(ends.last(), Some(end("old", 9)));
+        ends.confirmed(0, end("new", 3));
+        assert_eq!(ends.last(), Some(end("new", 7)));
+        // 8-9 refused, 10-12 stored: the end stays at 7.
+        ends.confirmed(10, end("new", 12));
+        assert_eq!(ends.last(), Some(end("new", 7)));
+        // A later chain's first run moves it on; the earlier chain's waiting run is dropped.
+        ends.confirmed(0, end("next", 2));
+        assert_eq!(ends.last(), Some(end("next", 2)));
+        ends.found(end("older", 1));
+        assert_eq!(ends.last(), Some(end("next", 2)), "what a session confirmed wins over the stream's tail");
     }
 }

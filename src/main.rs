@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use batchscore::amqp::AmqpError;
-use batchscore::auditor::reproduce::{self, ReproduceArgs, ReproduceError};
+use batchscore::auditor::{AuditCommand, AuditorError};
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
 use batchscore::inspect::UnloadableModel;
@@ -48,16 +48,11 @@ enum Command {
         /// Path to model.onnx.
         model: PathBuf,
     },
-    /// Work with the audit trail (docs/AUDIT.md).
-    #[command(subcommand)]
-    Audit(AuditCommand),
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Score a recorded job again with the model file its record names (found in the repository
-    /// or in models.archive) and compare with the record: exit 0 reproduced, 1 not, 2 set-up.
-    Reproduce(Box<ReproduceArgs>),
+    /// Read the audit trail: find records, verify chains.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,7 +69,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Worker => batchscore::telemetry::init_logging(&settings.logging),
         // Their output is the answer; the worker's progress lines would only bury it.
-        Command::Submit(_) | Command::Models | Command::Inspect { .. } | Command::Audit(_) => {
+        Command::Submit(_) | Command::Models | Command::Inspect { .. } | Command::Audit { .. } => {
             batchscore::telemetry::init_client_logging(&settings.logging)
         }
     }
@@ -85,19 +80,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `Ok(false)`: the command ran but did not find what it was asked for (exit 1).
     let outcome = runtime.block_on(async {
-        match cli.command {
+        let done = match cli.command {
             Command::Worker => run_worker(settings).await,
             Command::Submit(args) => batchscore::submit::run(&settings, &args).await.map(|summary| {
                 println!("{summary}");
             }),
             Command::Models => batchscore::inspect::list_models(&settings).map(|text| print!("{text}")),
             Command::Inspect { model } => batchscore::inspect::describe(&settings, &model).map(|text| print!("{text}")),
-            Command::Audit(command) => run_audit(&settings, command).await,
-        }
+            Command::Audit { command } => return run_audit(&settings, &command).await,
+        };
+        done.map(|()| true)
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("batchscore: {}", report(&error));
             ExitCode::from(if is_setup_error(&error) { EXIT_SETUP } else { 1 })
@@ -130,26 +128,9 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<SettingsError>()
             || cause.is::<KeyError>()
             || cause.is::<UnloadableModel>()
-            || cause.downcast_ref::<ReproduceError>().is_some_and(ReproduceError::is_setup)
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
+            || cause.downcast_ref::<AuditorError>().is_some_and(AuditorError::is_setup)
     })
-}
-
-async fn run_audit(settings: &Settings, command: AuditCommand) -> anyhow::Result<()> {
-    match command {
-        AuditCommand::Reproduce(args) => run_reproduce(settings, &args).await,
-    }
-}
-
-/// Prints the report; one that does not conclude the job is reproduced fails the command.
-async fn run_reproduce(settings: &Settings, args: &ReproduceArgs) -> anyhow::Result<()> {
-    let report = reproduce::run(settings, args).await?;
-    println!("{report}");
-    if report.comparison.reproduced() {
-        Ok(())
-    } else {
-        Err(ReproduceError::Differs.into())
-    }
 }
 
 async fn run_worker(settings: Settings) -> anyhow::Result<()> {
@@ -159,4 +140,18 @@ async fn run_worker(settings: Settings) -> anyhow::Result<()> {
     worker.run(shutdown).await?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// `batchscore audit ...`: the answer on stdout, what the person should know on stderr. `false`:
+/// nothing matched, or a chain is broken (exit 1).
+async fn run_audit(settings: &Settings, command: &AuditCommand) -> anyhow::Result<bool> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let verdict = batchscore::auditor::run(settings, command, &mut out).await;
+    std::io::Write::flush(&mut out).map_err(AuditorError::Output)?;
+    let verdict = verdict?;
+    if let Some(message) = &verdict.message {
+        eprintln!("batchscore: {message}");
+    }
+    Ok(verdict.clean)
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::recorder::Trail;
 use crate::amqp::{self, consumer::Consumer, AmqpError, Link};
+use crate::audit::ChainEnds;
 use crate::batcher::Batchers;
 use crate::engine::Repository;
 use crate::payload::Keyring;
@@ -42,13 +44,15 @@ pub async fn run(
     repository: watch::Receiver<Arc<Repository>>,
     health: Health,
     shutdown: CancellationToken,
+    ends: ChainEnds,
 ) -> Result<(), AmqpError> {
     let max_backoff = Duration::from_millis(settings.amqp.reconnect_max_backoff_ms.max(100));
     let mut backoff = Duration::from_millis(100);
     let mut ever_connected = false;
     loop {
         let started = Instant::now();
-        let outcome = serve(settings, keyring, repository.clone(), &health, &shutdown, &mut ever_connected).await;
+        let session = Session { settings, keyring, health: &health, shutdown: &shutdown, ends: &ends };
+        let outcome = serve(&session, repository.clone(), &mut ever_connected).await;
         health.set_broker_connected(false);
         let error = match outcome {
             Ok(()) => return Ok(()),
@@ -69,23 +73,30 @@ pub async fn run(
     }
 }
 
+/// What every broker session of the worker shares.
+struct Session<'a> {
+    settings: &'a Settings,
+    keyring: &'a Keyring,
+    health: &'a Health,
+    shutdown: &'a CancellationToken,
+    ends: &'a ChainEnds,
+}
+
 /// One connection's worth of pipeline; returns when shutdown drained it, a stage failed or the
 /// broker connection was lost.
 async fn serve(
-    settings: &Settings,
-    keyring: &Keyring,
+    session: &Session<'_>,
     repository: watch::Receiver<Arc<Repository>>,
-    health: &Health,
-    shutdown: &CancellationToken,
     ever_connected: &mut bool,
 ) -> Result<(), SessionError> {
+    let Session { settings, keyring, health, shutdown, ends } = *session;
     let link = Link::open(&settings.amqp, &settings.audit).await?;
     *ever_connected = true;
     health.set_broker_connected(true);
     telemetry::reset_inflight();
 
     let (stages, watch) = Supervisor::new();
-    start_stages(settings, keyring, repository, &stages, &link, shutdown);
+    start_stages(settings, keyring, repository, &stages, &link, shutdown, ends);
     // The stages hold the spawner they need; this one would keep the pipeline from ending.
     drop(stages);
     let outcome = supervise(watch, shutdown, Duration::from_millis(settings.shutdown.timeout_ms)).await;
@@ -112,13 +123,14 @@ fn start_stages(
     stages: &Supervisor,
     link: &Link,
     shutdown: &CancellationToken,
+    ends: &ChainEnds,
 ) {
     let amqp = &settings.amqp;
     // Every delivery in the worker is a job held by at most one stage: the prefetches bound them.
     let (publish_tx, publish_rx) = mpsc::channel(usize::from(amqp.prefetch) + usize::from(amqp.bulk_prefetch));
     // One batch ahead per session (TEI's channel of one, per session).
     let (scored_tx, scored_rx) = mpsc::channel(settings.inference.sessions.max(2));
-    let audit = settings.audit.enabled.then(|| settings.audit.clone());
+    let audit = settings.audit.enabled.then(|| Trail { settings: settings.audit.clone(), ends: ends.clone() });
     stages.spawn("publisher", amqp::publisher::run(link.publish_channel(), amqp.clone(), audit, publish_rx));
     stages.spawn("result", result::run(scored_rx, publish_tx.clone()));
     let snapshot = Arc::clone(&repository.borrow());

@@ -497,6 +497,9 @@ pub struct AuditSettings {
     pub include_inputs: bool,
     /// Names this worker's chains of records; empty in the settings file: the host name.
     pub worker_id: String,
+    /// How far back in the stream the worker looks at start-up for its own last record, which
+    /// its first chain then names (`previous_chain`); 0: it does not look.
+    pub previous_chain_lookback_ms: u64,
 }
 
 impl Default for AuditSettings {
@@ -509,6 +512,7 @@ impl Default for AuditSettings {
             include_outputs: true,
             include_inputs: false,
             worker_id: String::new(),
+            previous_chain_lookback_ms: 600_000,
         }
     }
 }

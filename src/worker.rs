@@ -1,5 +1,6 @@
-//! The `worker` command: loads ONNX Runtime and every model, opens the metrics listener, then
-//! runs the pipeline, and the model reloads, until shutdown.
+//! The `worker` command: loads ONNX Runtime and every model, finds the worker's last audit
+//! record when the trail is on, opens the metrics listener, then runs the pipeline, and the
+//! model reloads, until shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +10,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{AmqpError, Endpoint};
+use crate::audit::ChainEnds;
 use crate::engine::archive::{self, ArchiveError};
 use crate::engine::runtime::{self, RuntimeError};
 use crate::engine::{repository::RepositoryError, Repository};
 use crate::payload::{KeyError, Keyring};
 use crate::settings::Settings;
 use crate::telemetry::{self, Health};
-use crate::{pipeline, reload};
+use crate::{auditor, pipeline, reload};
 
 /// Why a worker did not start. Every variant is a set-up problem a person must fix (the command
 /// line exits 2), and each message names the setting involved.
@@ -55,6 +57,8 @@ pub struct Worker {
     keyring: Keyring,
     health: Health,
     pub metrics_addr: SocketAddr,
+    /// The last confirmed audit record, named by the first record of each broker session's chain.
+    ends: ChainEnds,
 }
 
 impl Worker {
@@ -76,13 +80,15 @@ impl Worker {
         // Installed first: metrics recorded while models load would otherwise be lost.
         telemetry::recorder();
         let env = runtime::environment(settings.onnxruntime.library_path.as_deref())?;
-        let repository = {
+        let loading = {
             let settings = settings.clone();
             // Loading sessions reads and optimises model files: blocking work.
             tokio::task::spawn_blocking(move || Repository::load(env, &settings))
-                .await
-                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?
         };
+        // The audit trail's first chain names this worker's last record: found meanwhile.
+        let ends = ChainEnds::default();
+        let ((), loaded) = tokio::join!(find_previous_chain(&settings, &ends), loading);
+        let repository = loaded.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
         let health = Health::default();
         let addr = settings
             .metrics_addr()
@@ -90,7 +96,7 @@ impl Worker {
         let metrics_addr =
             telemetry::serve(addr, health.clone()).await.map_err(|error| StartError::Metrics { addr, error })?;
         tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
-        Ok(Self { settings, env, repository: Arc::new(repository), keyring, health, metrics_addr })
+        Ok(Self { settings, env, repository: Arc::new(repository), keyring, health, metrics_addr, ends })
     }
 
     pub fn repository(&self) -> &Repository {
@@ -103,7 +109,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AmqpError> {
         let (snapshots, repository) = watch::channel(self.repository);
         let reloads = tokio::spawn(reload::run(self.env, self.settings.clone(), snapshots, shutdown.clone()));
-        let outcome = pipeline::run(&self.settings, &self.keyring, repository, self.health, shutdown).await;
+        let outcome = pipeline::run(&self.settings, &self.keyring, repository, self.health, shutdown, self.ends).await;
         reloads.abort();
         outcome
     }
@@ -130,4 +136,26 @@ pub fn cancel_on_signal(shutdown: CancellationToken) {
         }
         shutdown.cancel();
     });
+}
+
+/// Looks in the audit stream's tail for this worker's last record, which its first chain then
+/// names. Without it the chain names none: the trail is whole without the link, so a failed look
+/// is logged, not fatal.
+async fn find_previous_chain(settings: &Settings, ends: &ChainEnds) {
+    if !settings.audit.enabled {
+        return;
+    }
+    match auditor::tail::last_chain_end(&settings.amqp, &settings.audit).await {
+        Ok(Some(end)) => {
+            tracing::info!(previous_chain = %end.chain_id, seq = end.seq, "found this worker's last audit record");
+            ends.found(end);
+        }
+        Ok(None) => tracing::info!(
+            lookback_ms = settings.audit.previous_chain_lookback_ms,
+            "no earlier audit record of this worker in the stream's tail; its first chain names none"
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the audit stream's tail; the first chain names no previous chain")
+        }
+    }
 }

@@ -372,3 +372,162 @@ async fn records_hold_the_inputs_and_only_the_outputs_digest_when_set_so() {
     }
     clean_up(&settings).await;
 }
+
+/// Longest a `batchscore audit` command may run: it reads a small stream and stops once nothing
+/// more arrives for its idle period.
+const AUDIT_COMMAND_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Runs `batchscore audit <args>` on the shipped settings (the test broker) to its end, off the
+/// async runtime.
+async fn audit_command(args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_batchscore"));
+    // RUST_LOG of the person running the tests would change what the command logs.
+    command.arg("audit").args(args).current_dir(common::root()).env_remove("RUST_LOG");
+    let shown = args.join(" ");
+    tokio::task::spawn_blocking(move || common::run_bounded(command, AUDIT_COMMAND_PATIENCE))
+        .await
+        .expect("the command ran")
+        .unwrap_or_else(|error| panic!("batchscore audit {shown}: {error}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Appends `bodies` to `stream` as a worker does: records as JSON Lines, several to a message.
+async fn append_records(stream: &str, bodies: &[Vec<u8>], per_message: usize) {
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(Default::default()).await.expect("confirms");
+    let mut confirms = Vec::new();
+    for group in bodies.chunks(per_message) {
+        let message: Vec<u8> = group.iter().flat_map(|body| body.iter().copied().chain([b'\n'])).collect();
+        let properties = BasicProperties::default()
+            .with_content_type("application/x-ndjson".into())
+            .with_type("scoring.audit".into());
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm =
+            channel.basic_publish("".into(), stream.into(), options, &message, properties).await.expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        let confirmation =
+            tokio::time::timeout(BROKER_PATIENCE, confirm).await.expect("confirmed in time").expect("confirm");
+        assert!(matches!(confirmation, lapin::Confirmation::Ack(None)), "the stream {stream} took the records");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_chain_passes_a_workers_stream_and_fails_a_tampered_copy() {
+    let settings = audited("audit-verify");
+    let jobs = Job::mix("verify", 200);
+    let (_, records) = answer_and_record(&settings, &jobs).await;
+    assert_eq!(records.len(), jobs.len());
+
+    let stream = settings.audit.stream.as_str();
+    let honest = audit_command(&["verify-chain", "--stream", stream, "--idle-ms", "1000"]).await;
+    let report = text(&honest.stdout);
+    assert_eq!(honest.status.code(), Some(0), "{report}{}", text(&honest.stderr));
+    let chain = records[0].str("chain_id").expect("chain_id");
+    let line = format!("{} {chain} seq 0-199 200 records OK", settings.audit.worker_id);
+    assert!(report.contains(&line), "{line:?} missing from:\n{report}");
+    assert!(report.contains("total: 1 chains, 200 records: all chains whole"), "{report}");
+
+    // The same records in another stream, one removed and one altered.
+    let mut copy = settings.audit.clone();
+    copy.stream = format!("{stream}.tampered");
+    let connection = common::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    batchscore::amqp::declare_audit_stream(&channel, &settings.amqp, &copy).await.expect("the copy's stream");
+    let mut bodies: Vec<Vec<u8>> = records.iter().map(|record| record.body.clone()).collect();
+    bodies.remove(120);
+    bodies[42] = text(&bodies[42]).replacen("\"seq\":42", "\"seq\":42 ", 1).into_bytes();
+    append_records(&copy.stream, &bodies, 7).await;
+
+    let tampered = audit_command(&["verify-chain", "--stream", &copy.stream, "--idle-ms", "1000"]).await;
+    let report = text(&tampered.stdout);
+    assert_eq!(tampered.status.code(), Some(1), "{report}{}", text(&tampered.stderr));
+    for needle in ["gap: seq 120 missing", "prev_sha256 of seq 43 is not the sha256 of seq 42", "BROKEN", "2 problems"]
+    {
+        assert!(report.contains(needle), "{needle:?} missing from:\n{report}");
+    }
+    let _ = channel.queue_delete(copy.stream.as_str().into(), QueueDeleteOptions::default()).await;
+    clean_up(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_by_job_id_returns_exactly_that_jobs_record() {
+    let settings = audited("audit-find");
+    let jobs = Job::mix("find", 100);
+    let (_, records) = answer_and_record(&settings, &jobs).await;
+    let stream = settings.audit.stream.as_str();
+    let wanted = &jobs[37];
+    let record = &by_job(&records)[wanted.id.as_str()][0];
+
+    let found =
+        audit_command(&["find", "--stream", stream, "--idle-ms", "1000", "--job-id", &wanted.id, "--format", "jsonl"])
+            .await;
+    assert_eq!(found.status.code(), Some(0), "{}", text(&found.stderr));
+    assert_eq!(found.stdout, [record.body.as_slice(), b"\n".as_slice()].concat(), "the record's bytes as stored, once");
+
+    let table = audit_command(&["find", "--stream", stream, "--idle-ms", "1000", "--job-id", &wanted.id]).await;
+    let shown = text(&table.stdout);
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table.stderr));
+    assert_eq!(shown.lines().count(), 2, "a header and one row:\n{shown}");
+    let digest = wanted.digest().expect("a scored job");
+    let chain_seq = format!("{}:{}", record.str("chain_id").expect("chain_id"), record.json["seq"]);
+    for needle in [wanted.id.as_str(), "linear", digest.as_str(), chain_seq.as_str(), settings.audit.worker_id.as_str()]
+    {
+        assert!(shown.contains(needle), "{needle:?} missing from:\n{shown}");
+    }
+
+    let none = audit_command(&["find", "--stream", stream, "--idle-ms", "1000", "--job-id", "find-no-such-job"]).await;
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none.stderr));
+    assert!(none.stdout.is_empty() && text(&none.stderr).contains("no record"), "{}", text(&none.stderr));
+    clean_up(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_stream_that_does_not_exist_exits_2_naming_it() {
+    let stream = format!("test.audit-missing.{}", uuid::Uuid::new_v4().simple());
+    let output = audit_command(&["verify-chain", "--stream", &stream]).await;
+    let message = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(message.contains(&stream) && message.contains("audit.stream"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_workers_first_chain_names_the_last_record_of_its_chain_before() {
+    let settings = audited("audit-link");
+    let (mut sender, before) = answer_and_record(&settings, &Job::mix("link-first", 60)).await;
+    let first_chain = before[0].str("chain_id").expect("chain_id").to_string();
+    assert_eq!(before[0].json["previous_chain"], Value::Null, "no earlier record of this worker in the stream");
+    let last = before.last().expect("records");
+
+    // A new worker process on the same stream.
+    let worker = TestWorker::start(settings.clone()).await;
+    let second = Job::mix("link-second", 60);
+    sender.send(&second).await;
+    sender.answers(&second).await;
+    assert_eq!(worker.stop().await, 0, "every job acknowledged");
+
+    let stream = settings.audit.stream.as_str();
+    let all = audit_command(&["find", "--stream", stream, "--idle-ms", "1000", "--format", "jsonl"]).await;
+    assert_eq!(all.status.code(), Some(0), "{}", text(&all.stderr));
+    let records: Vec<Value> =
+        text(&all.stdout).lines().map(|line| serde_json::from_str(line).expect("a record is JSON")).collect();
+    assert_eq!(records.len(), 120, "both workers' records");
+    let start = records
+        .iter()
+        .find(|record| record["seq"] == 0 && record["chain_id"].as_str() != Some(first_chain.as_str()))
+        .expect("the second worker's chain");
+    let named = json!({"chain_id": first_chain, "seq": last.json["seq"], "sha256": hex(&last.body)});
+    assert_eq!(start["previous_chain"], named, "the link to the last record of the chain before");
+    assert!(records.iter().filter(|r| r["seq"] != 0).all(|r| r["previous_chain"].is_null()));
+
+    let verified = audit_command(&["verify-chain", "--stream", stream, "--idle-ms", "1000"]).await;
+    let report = text(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(0), "{report}{}", text(&verified.stderr));
+    assert!(report.contains("total: 2 chains, 120 records: all chains whole"), "{report}");
+    clean_up(&settings).await;
+}

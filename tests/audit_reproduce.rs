@@ -103,17 +103,30 @@ async fn until_version_1_is_retired(client: &mut Client) {
     }
 }
 
-/// `batchscore audit reproduce` of `record` (its body as the stream holds it) and the job body
-/// `input`, with the test's repository and `archive` (`None`: no archive).
-fn reproduce(settings: &Settings, archive: Option<&Path>, record: &Record, input: &[u8]) -> Output {
+/// Where `audit reproduce` takes the record from.
+enum RecordFrom<'a> {
+    /// A file holding the record's body as the stream holds it.
+    File(&'a Record),
+    /// The test's audit stream, by job id.
+    Stream(&'a str),
+}
+
+/// `batchscore audit reproduce` of the record `from` names and the job body `input`, with the
+/// test's repository and `archive` (`None`: no archive).
+fn reproduce(settings: &Settings, archive: Option<&Path>, from: RecordFrom, input: &[u8]) -> Output {
     let folder = scratch("reproduce-files");
     let (record_file, input_file) = (folder.join("record.json"), folder.join("job.json"));
-    std::fs::write(&record_file, &record.body).expect("record file");
     std::fs::write(&input_file, input).expect("job file");
     let mut command = Command::new(env!("CARGO_BIN_EXE_batchscore"));
+    command.args(["audit", "reproduce"]);
+    match from {
+        RecordFrom::File(record) => {
+            std::fs::write(&record_file, &record.body).expect("record file");
+            command.arg("--record").arg(&record_file)
+        }
+        RecordFrom::Stream(job_id) => command.args(["--job-id", job_id, "--stream", &settings.audit.stream]),
+    };
     command
-        .args(["audit", "reproduce", "--record"])
-        .arg(&record_file)
         .arg("--input")
         .arg(&input_file)
         .current_dir(common::root())
@@ -168,7 +181,7 @@ async fn a_retired_versions_scores_are_reproduced_from_the_archive() {
         assert_eq!(std::fs::read(archived.join(&config_name)).expect("config archived"), config);
 
         let body = serde_json::to_vec(job).expect("JSON");
-        let output = reproduce(&settings, Some(&archive), record, &body);
+        let output = reproduce(&settings, Some(&archive), RecordFrom::File(record), &body);
         let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
         assert_eq!(output.status.code(), Some(0), "{id}:\n{stdout}\n{stderr}");
         assert!(stdout.contains("(in the model archive)") && stdout.contains("verdict:  reproduced"), "{stdout}");
@@ -183,20 +196,32 @@ async fn a_retired_versions_scores_are_reproduced_from_the_archive() {
     let record = records.iter().find(|r| r.str("job_id") == Some(id.as_str())).expect("record");
     let mut changed = job.clone();
     changed["rows"][1][5] = json!(value(1, 1, 5) + 0.5);
-    let output = reproduce(&settings, Some(&archive), record, &serde_json::to_vec(&changed).expect("JSON"));
+    let output =
+        reproduce(&settings, Some(&archive), RecordFrom::File(record), &serde_json::to_vec(&changed).expect("JSON"));
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not the job that was recorded") && stderr.contains("inputs_sha256"), "{stderr}");
 
     // Without the archive, the retired version's file is found nowhere.
-    let output = reproduce(&settings, None, record, &serde_json::to_vec(job).expect("JSON"));
+    let output = reproduce(&settings, None, RecordFrom::File(record), &serde_json::to_vec(job).expect("JSON"));
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no model file with sha256") && stderr.contains("models.archive"), "{stderr}");
 
+    // The record looked up in the stream by the job's id.
+    let output = reproduce(&settings, Some(&archive), RecordFrom::Stream(id), &serde_json::to_vec(job).expect("JSON"));
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", text(&output.stderr));
+    assert!(stdout.contains("verdict:  reproduced"), "{stdout}");
+    let output = reproduce(&settings, Some(&archive), RecordFrom::Stream("no-such-job"), b"{}");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no record of job \"no-such-job\""), "{stderr}");
+
     // Back in the repository, the file is found there first.
     common::add_to_repository(&settings.models.repository, "linear", "linear", 1);
-    let output = reproduce(&settings, Some(&archive), record, &serde_json::to_vec(job).expect("JSON"));
+    let output =
+        reproduce(&settings, Some(&archive), RecordFrom::File(record), &serde_json::to_vec(job).expect("JSON"));
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", text(&output.stderr));
     assert!(stdout.contains("(in the repository, version 1)"), "{stdout}");

@@ -77,6 +77,8 @@ fn the_record_schema_rejects_records_that_break_its_rules() {
         record
     };
     assert!(!records.is_valid(&changed("prev_sha256", serde_json::Value::Null)), "only seq 0 starts a chain");
+    let link = serde_json::json!({"chain_id": ok["chain_id"], "seq": 3, "sha256": ok["prev_sha256"]});
+    assert!(!records.is_valid(&changed("previous_chain", link)), "only a chain's first record names the chain before");
     assert!(!records.is_valid(&changed("encrypted", true.into())), "an encrypted job's record holds digests only");
     assert!(!records.is_valid(&changed("status", "error".into())), "an error record has an error code");
     assert!(!records.is_valid(&changed("inputs_sha256", "ABC".into())), "digests are 64 hex digits");

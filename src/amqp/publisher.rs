@@ -17,10 +17,10 @@ use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::mpsc;
 
 use super::confirm::{confirmed, Confirmed};
-use super::recorder::{Recorder, Recording};
+use super::recorder::{Recorder, Recording, Trail};
 use super::{AmqpError, Inbound};
 use crate::flow::{Completion, Lane, Outgoing, Rejection};
-use crate::settings::{AmqpSettings, AuditSettings};
+use crate::settings::AmqpSettings;
 use crate::telemetry;
 
 /// Publishes of one result before the job is returned to the queue, when the broker keeps
@@ -54,12 +54,12 @@ struct Settled {
 pub async fn run(
     channel: Channel,
     settings: AmqpSettings,
-    audit: Option<AuditSettings>,
+    audit: Option<Trail>,
     mut results: mpsc::Receiver<Outgoing>,
 ) -> Result<(), AmqpError> {
     let fallback = ShortString::from(settings.results_queue.as_str());
     let timeout = Duration::from_millis(settings.confirm_timeout_ms);
-    let mut recorder = audit.map(|audit| Recorder::new(channel.clone(), &settings, &audit));
+    let mut recorder = audit.map(|trail| Recorder::new(channel.clone(), &settings, &trail));
     let mut in_flight = FuturesUnordered::new();
     let mut recordings = FuturesUnordered::new();
     let mut open = true;

@@ -4,7 +4,8 @@
 //! order of the records in the stream.
 //! It then judges the broker's confirm of each message. A message goes mandatory: a stream that
 //! does not exist sends it back instead of dropping it. The publisher acknowledges a job only
-//! once its record is [`Recording::stored`].
+//! once its record is [`Recording::stored`]. Each confirmed message moves the worker's
+//! [`audit::ChainEnds`] on, which the first record of the next session's chain names.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,6 +32,14 @@ const MAX_RECORDS_PER_MESSAGE: usize = 512;
 /// Most bytes of records in one message, for records that hold inputs and outputs.
 const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
+/// The audit trail's settings and the last confirmed record of the worker's chains, which
+/// outlives each session's [`Recorder`].
+#[derive(Debug, Clone)]
+pub struct Trail {
+    pub settings: AuditSettings,
+    pub ends: audit::ChainEnds,
+}
+
 /// Publishes the records of one broker session's chain.
 pub struct Recorder {
     channel: Channel,
@@ -38,12 +47,15 @@ pub struct Recorder {
     chain: audit::Chain,
     amqp: AmqpSettings,
     pending: Pending,
+    ends: audit::ChainEnds,
 }
 
 /// The records waiting for the next message.
 struct Pending {
     body: Vec<u8>,
     records: usize,
+    /// The first record's `seq`.
+    first_seq: u64,
     /// The first record's job, as messages show it, to name in an error.
     first_job_id: String,
     stored: watch::Sender<bool>,
@@ -51,7 +63,13 @@ struct Pending {
 
 impl Pending {
     fn new() -> Self {
-        Pending { body: Vec::new(), records: 0, first_job_id: String::new(), stored: watch::channel(false).0 }
+        Pending {
+            body: Vec::new(),
+            records: 0,
+            first_seq: 0,
+            first_job_id: String::new(),
+            stored: watch::channel(false).0,
+        }
     }
 }
 
@@ -60,12 +78,19 @@ pub struct Recording(watch::Receiver<bool>);
 
 impl Recorder {
     /// A recorder starting a new chain on `channel`, which has publisher confirms.
-    pub fn new(channel: Channel, amqp: &AmqpSettings, audit: &AuditSettings) -> Self {
-        let chain = audit::Chain::start(audit);
-        tracing::info!(stream = %audit.stream, worker_id = %audit.worker_id, chain_id = chain.id(),
+    /// Its first record names the last confirmed record of the chains before (`trail.ends`).
+    pub fn new(channel: Channel, amqp: &AmqpSettings, trail: &Trail) -> Self {
+        let audit = &trail.settings;
+        let previous = trail.ends.last();
+        tracing::info!(stream = %audit.stream, worker_id = %audit.worker_id,
+            previous_chain = previous.as_ref().map_or("none", |end| end.chain_id.as_str()),
+            previous_seq = previous.as_ref().map(|end| end.seq),
             "recording every answered job in the audit stream");
+        let chain = audit::Chain::start(audit, previous);
+        tracing::info!(chain_id = chain.id(), "audit chain started");
         let stream = Arc::from(audit.stream.as_str());
-        Recorder { channel, stream, chain, amqp: amqp.clone(), pending: Pending::new() }
+        let ends = trail.ends.clone();
+        Recorder { channel, stream, chain, amqp: amqp.clone(), pending: Pending::new(), ends }
     }
 
     /// Appends the record of `outgoing`, whose body is still plaintext, to the next message. The
@@ -88,10 +113,12 @@ impl Recorder {
             encrypted: outgoing.key.is_some(),
             provenance,
         };
+        let seq = self.chain.next_seq();
         let record = self.chain.append(&answer)?;
         let pending = &mut self.pending;
         if pending.records == 0 {
             pending.first_job_id = audit::shown(job_id);
+            pending.first_seq = seq;
         }
         pending.body.extend_from_slice(&record);
         pending.body.push(b'\n');
@@ -114,7 +141,11 @@ impl Recorder {
         if self.pending.records == 0 {
             return Ok(None);
         }
-        let Pending { body, first_job_id, stored, .. } = std::mem::replace(&mut self.pending, Pending::new());
+        let Pending { body, first_seq, first_job_id, stored, .. } =
+            std::mem::replace(&mut self.pending, Pending::new());
+        // The message ends with the last record appended.
+        let end = self.chain.end();
+        let ends = self.ends.clone();
         let properties = BasicProperties::default()
             .with_content_type(RECORDS_CONTENT_TYPE.into())
             .with_delivery_mode(2)
@@ -126,6 +157,9 @@ impl Recorder {
         Ok(Some(async move {
             match Confirmed::from(&confirmed(confirm, timeout).await?) {
                 Confirmed::Stored => {
+                    if let Some(end) = end {
+                        ends.confirmed(first_seq, end);
+                    }
                     // Ignored error: no job waits on these records any more (the session ends).
                     let _ = stored.send(true);
                     Ok(())

@@ -192,9 +192,20 @@ pub async fn read_record(source: &RecordSource) -> Result<(Vec<u8>, String), Rep
 /// Reproduces the job the arguments name. `Ok` holds the report, whatever it concludes.
 pub async fn run(settings: &Settings, args: &ReproduceArgs) -> Result<Report, ReproduceError> {
     let (body, origin) = read_record(&args.source()?).await?;
-    let record = Recorded::parse(&body, &origin)?;
-    let job = std::fs::read(&args.input)
-        .map_err(|source| ReproduceError::InputUnreadable { path: args.input.clone(), source })?;
+    run_recorded(settings, &body, &origin, &args.input).await
+}
+
+/// Reproduces the job in the file `input` as the record `body` (read from `origin`) says it was
+/// scored.
+pub async fn run_recorded(
+    settings: &Settings,
+    body: &[u8],
+    origin: &str,
+    input: &Path,
+) -> Result<Report, ReproduceError> {
+    let record = Recorded::parse(body, origin)?;
+    let job =
+        std::fs::read(input).map_err(|source| ReproduceError::InputUnreadable { path: input.to_path_buf(), source })?;
     reproduce(settings, &record, &job).await
 }
 
