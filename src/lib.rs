@@ -20,13 +20,15 @@
 //! [`amqp::endpoint`] checks where and how the worker connects (TLS, certificate login, the
 //! plaintext rule) before it does; [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
 //! with the repository; [`worker`] starts everything; [`settings`] and [`telemetry`] serve all
-//! stages; [`submit`] and [`inspect`] are client commands; [`faults`] lets tests make a stage
+//! stages; [`submit`] and [`inspect`] are client commands; [`auditor`] copies the audit stream into
+//! PostgreSQL (`batchscore audit sink`) and answers from there; [`faults`] lets tests make a stage
 //! panic.
 
 #![forbid(unsafe_code)]
 
 pub mod amqp;
 pub mod audit;
+pub mod auditor;
 pub mod authz;
 pub mod batcher;
 pub mod budget;

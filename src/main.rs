@@ -1,9 +1,10 @@
-//! The `batchscore` command line: `worker`, `submit`, `models` and `inspect`.
+//! The `batchscore` command line: `worker`, `submit`, `models`, `inspect` and `audit`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use batchscore::amqp::AmqpError;
+use batchscore::auditor::sink::{SinkArgs, SinkError};
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
 use batchscore::payload::KeyError;
@@ -43,6 +44,17 @@ enum Command {
         /// Path to model.onnx.
         model: PathBuf,
     },
+    /// The audit trail: copy the audit stream into PostgreSQL, and answer from it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Tail the audit stream into PostgreSQL (audit.database), resuming where it stopped.
+    Sink(SinkArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,8 +68,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    match cli.command {
+    match &cli.command {
         Command::Worker => batchscore::telemetry::init_logging(&settings.logging),
+        Command::Audit { command } => audit_logging(command, &settings),
         // Their output is the answer; the worker's progress lines would only bury it.
         Command::Submit(_) | Command::Models | Command::Inspect { .. } => {
             batchscore::telemetry::init_client_logging(&settings.logging)
@@ -78,6 +91,7 @@ fn main() -> ExitCode {
             }),
             Command::Models => batchscore::inspect::list_models(&settings).map(|text| print!("{text}")),
             Command::Inspect { model } => batchscore::inspect::describe(&settings, &model).map(|text| print!("{text}")),
+            Command::Audit { command } => run_audit(command, settings).await,
         }
     });
     match outcome {
@@ -114,6 +128,7 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<SettingsError>()
             || cause.is::<KeyError>()
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
+            || cause.downcast_ref::<SinkError>().is_some_and(SinkError::is_setup)
     })
 }
 
@@ -124,4 +139,22 @@ async fn run_worker(settings: Settings) -> anyhow::Result<()> {
     worker.run(shutdown).await?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The audit commands' logging: the sink is a service and logs like the worker.
+fn audit_logging(command: &AuditCommand, settings: &Settings) {
+    match command {
+        AuditCommand::Sink(_) => batchscore::telemetry::init_logging(&settings.logging),
+    }
+}
+
+async fn run_audit(command: AuditCommand, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Sink(args) => {
+            let shutdown = CancellationToken::new();
+            worker::cancel_on_signal(shutdown.clone());
+            batchscore::auditor::sink::run(&settings, &args, shutdown).await?;
+            Ok(())
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! RabbitMQ, and the only module that names it: the connection (TLS, certificate login and the
 //! plaintext rule in [`endpoint`]), queue declarations (the audit stream among them), the job
-//! consumer, the confirming publisher and the audit stream's [`recorder`], and the job client of
-//! `batchscore submit`.
+//! consumer, the confirming publisher and the audit stream's [`recorder`], the job client of
+//! `batchscore submit`, and the stream reader of `batchscore audit sink` ([`tail`]).
 
 pub mod client;
 mod confirm;
@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod error;
 pub mod publisher;
 pub mod recorder;
+pub mod tail;
 
 use std::time::Duration;
 
