@@ -42,25 +42,28 @@ pub enum DatabaseError {
     #[error("the audit database URL {url} cannot be used: {problem}")]
     Url { url: String, problem: String },
     #[error(
-        "cannot connect to PostgreSQL at {url}: {source}; check that the server runs there and that the user, \
+        "cannot connect to PostgreSQL at {url}: {}; check that the server runs there and that the user, \
          password (audit.database_password_file or PGPASSWORD) and database of audit.database (or --database) are \
-         right"
+         right",
+        cause(source)
     )]
     Connect { url: String, source: tokio_postgres::Error },
     #[error(
-        "migration {name} is not applied in {url}, and its user may not apply it: {source}. Apply the migrations \
+        "migration {name} is not applied in {url}, and its user may not apply it: {}. Apply the migrations \
          once as the database's owner (batchscore audit sink --migrate-only --database \
-         postgres://OWNER@HOST/DB), then start the sink as batchscore_audit_sink"
+         postgres://OWNER@HOST/DB), then start the sink as batchscore_audit_sink",
+        cause(source)
     )]
     MigrationRefused { name: &'static str, url: String, source: tokio_postgres::Error },
-    #[error("migration {name} failed in {url}: {source}; nothing of it was applied")]
+    #[error("migration {name} failed in {url}: {}; nothing of it was applied", cause(source))]
     Migration { name: &'static str, url: String, source: tokio_postgres::Error },
     #[error(
-        "{url} has no audit tables yet and its user may not create them: {source}. Apply the migrations once as the \
-         database's owner (batchscore audit sink --migrate-only --database postgres://OWNER@HOST/DB)"
+        "{url} has no audit tables yet and its user may not create them: {}. Apply the migrations once as the \
+         database's owner (batchscore audit sink --migrate-only --database postgres://OWNER@HOST/DB)",
+        cause(source)
     )]
     NotMigrated { url: String, source: tokio_postgres::Error },
-    #[error("{what} in {url} failed: {source}")]
+    #[error("{what} in {url} failed: {}", cause(source))]
     Query { what: &'static str, url: String, source: tokio_postgres::Error },
     #[error("the stored offset of the stream {stream} is {offset}, which is not an offset; correct audit_sink_offset")]
     BadOffset { stream: String, offset: i64 },
@@ -704,6 +707,15 @@ fn shown(config: &Config) -> String {
     let user = config.get_user().map(|user| format!("{user}@")).unwrap_or_default();
     let database = config.get_dbname().unwrap_or_default();
     format!("postgres://{user}{host}:{port}/{database}")
+}
+
+/// A PostgreSQL error with its cause (the server's message): the client error alone says only
+/// "db error".
+fn cause(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
+    }
 }
 
 fn is_permission(error: &tokio_postgres::Error) -> bool {
