@@ -87,22 +87,42 @@ impl Drop for TestDatabase {
     }
 }
 
-/// A stream of the test's own, deleted when done.
-async fn declare_stream(name: &str) -> lapin::Channel {
-    let connection = common::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    channel.queue_declare(name.into(), durable, arguments).await.expect("declare the stream");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
-    // The channel keeps its connection open.
-    std::mem::forget(connection);
-    channel
+/// A stream of the test's own, deleted when the test ends (passed or not).
+struct TestStream {
+    name: String,
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
 }
 
-async fn delete_stream(channel: &lapin::Channel, name: &str) {
-    let _ = channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
+impl TestStream {
+    async fn declare() -> TestStream {
+        let name = format!("test.sink.{}.audit", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let connection = common::connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(name.as_str().into(), durable, arguments).await.expect("declare the stream");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        TestStream { name, _connection: connection, channel }
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // On a thread and runtime of its own, as for the database.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let connection = common::connect().await;
+                let channel = connection.create_channel().await.expect("channel");
+                let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = connection.close(200, "done".into()).await;
+            })
+        })
+        .join();
+    }
 }
 
 /// Publishes `body` to `stream` with `type` = `kind`, waiting for the broker's confirm.
@@ -226,9 +246,9 @@ async fn stored_offset(client: &Client, stream: &str) -> Option<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_killed_mid_stream_and_restarted_stores_every_record_once_and_resumes_past_the_end() {
     let database = TestDatabase::create().await;
-    let stream = format!("test.sink.{}.audit", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let channel = declare_stream(&stream).await;
-    let published = publish_records(&channel, &stream).await;
+    let test_stream = TestStream::declare().await;
+    let stream = test_stream.name.clone();
+    let published = publish_records(&test_stream.channel, &stream).await;
     assert_eq!(published.lines.len(), RECORDS);
 
     let mut first = Sink(spawn_sink(&database.url, &stream, 0));
@@ -313,7 +333,6 @@ async fn a_sink_killed_mid_stream_and_restarted_stores_every_record_once_and_res
     assert!(found_in.find_by_job_id("no-such-job").await.expect("find").is_empty());
 
     drop(found_in);
-    delete_stream(&channel, &stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
