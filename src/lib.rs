@@ -21,8 +21,8 @@
 //! plaintext rule) before it does; [`budget`] counts the rows each lane holds; [`reload`] keeps the served model versions in step
 //! with the repository; [`worker`] starts everything; [`settings`] and [`telemetry`] serve all
 //! stages; [`submit`] and [`inspect`] are client commands, and so are the [`auditor`]'s (finding
-//! records, verifying chains, read through [`amqp::stream`]; reproducing a score), which the
-//! worker never uses; [`faults`] lets tests make a stage panic.
+//! records, verifying chains, read through [`amqp::stream`]; reproducing a score; copying the
+//! stream into PostgreSQL), which the worker never uses; [`faults`] lets tests make a stage panic.
 
 #![forbid(unsafe_code)]
 

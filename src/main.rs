@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use batchscore::amqp::AmqpError;
+use batchscore::auditor::sink::{SinkArgs, SinkError};
 use batchscore::auditor::{AuditCommand, AuditorError};
 use batchscore::engine::repository::RepositoryError;
 use batchscore::engine::runtime::RuntimeError;
@@ -48,11 +49,20 @@ enum Command {
         /// Path to model.onnx.
         model: PathBuf,
     },
-    /// Read the audit trail: find records, verify chains.
+    /// The audit trail: find records, verify chains, reproduce a score, copy the stream into
+    /// PostgreSQL.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: AuditCli,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCli {
+    /// Tail the audit stream into PostgreSQL (audit.database), resuming where it stopped.
+    Sink(SinkArgs),
+    #[command(flatten)]
+    Read(AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -66,8 +76,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    match cli.command {
+    match &cli.command {
         Command::Worker => batchscore::telemetry::init_logging(&settings.logging),
+        // The sink is a service and logs like the worker.
+        Command::Audit { command: AuditCli::Sink(_) } => batchscore::telemetry::init_logging(&settings.logging),
         // Their output is the answer; the worker's progress lines would only bury it.
         Command::Submit(_) | Command::Models | Command::Inspect { .. } | Command::Audit { .. } => {
             batchscore::telemetry::init_client_logging(&settings.logging)
@@ -89,7 +101,8 @@ fn main() -> ExitCode {
             }),
             Command::Models => batchscore::inspect::list_models(&settings).map(|text| print!("{text}")),
             Command::Inspect { model } => batchscore::inspect::describe(&settings, &model).map(|text| print!("{text}")),
-            Command::Audit { command } => return run_audit(&settings, &command).await,
+            Command::Audit { command: AuditCli::Sink(args) } => run_sink(&settings, &args).await,
+            Command::Audit { command: AuditCli::Read(command) } => return run_audit(&settings, &command).await,
         };
         done.map(|()| true)
     });
@@ -130,6 +143,7 @@ fn is_setup_error(error: &anyhow::Error) -> bool {
             || cause.is::<UnloadableModel>()
             || cause.downcast_ref::<AmqpError>().is_some_and(AmqpError::is_refusal)
             || cause.downcast_ref::<AuditorError>().is_some_and(AuditorError::is_setup)
+            || cause.downcast_ref::<SinkError>().is_some_and(SinkError::is_setup)
     })
 }
 
@@ -154,4 +168,12 @@ async fn run_audit(settings: &Settings, command: &AuditCommand) -> anyhow::Resul
         eprintln!("batchscore: {message}");
     }
     Ok(verdict.clean)
+}
+
+/// `batchscore audit sink`: a service, stopped by SIGTERM or Ctrl-C.
+async fn run_sink(settings: &Settings, args: &SinkArgs) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    worker::cancel_on_signal(shutdown.clone());
+    batchscore::auditor::sink::run(settings, args, shutdown).await?;
+    Ok(())
 }

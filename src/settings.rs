@@ -479,7 +479,7 @@ impl Default for ShutdownSettings {
 
 /// The audit trail (docs/AUDIT.md): one record per answered job, appended to a RabbitMQ stream
 /// and confirmed before the job is acknowledged.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
     /// Record every answered job; off, nothing of the trail runs.
@@ -500,6 +500,29 @@ pub struct AuditSettings {
     /// How far back in the stream the worker looks at start-up for its own last record, which
     /// its first chain then names (`previous_chain`); 0: it does not look.
     pub previous_chain_lookback_ms: u64,
+    /// The PostgreSQL database `batchscore audit sink` copies the stream into,
+    /// `postgres://USER@HOST:PORT/DATABASE`; empty: none (`--database` gives one).
+    pub database: String,
+    /// File holding the database password, which replaces the password of `database`.
+    pub database_password_file: Option<PathBuf>,
+}
+
+/// Written by hand so that a password in `database` never reaches a log line.
+impl fmt::Debug for AuditSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditSettings")
+            .field("enabled", &self.enabled)
+            .field("stream", &self.stream)
+            .field("max_age", &self.max_age)
+            .field("max_bytes", &self.max_bytes)
+            .field("include_outputs", &self.include_outputs)
+            .field("include_inputs", &self.include_inputs)
+            .field("worker_id", &self.worker_id)
+            .field("previous_chain_lookback_ms", &self.previous_chain_lookback_ms)
+            .field("database", &redact(&self.database))
+            .field("database_password_file", &self.database_password_file)
+            .finish()
+    }
 }
 
 impl Default for AuditSettings {
@@ -513,6 +536,8 @@ impl Default for AuditSettings {
             include_inputs: false,
             worker_id: String::new(),
             previous_chain_lookback_ms: 600_000,
+            database: String::new(),
+            database_password_file: None,
         }
     }
 }
@@ -525,8 +550,53 @@ impl AuditSettings {
         }
     }
 
+    /// The audit database's URL: `given` (`--database`), else `audit.database`, with the password
+    /// of `audit.database_password_file` in it when that is set. Without a password, the
+    /// connection uses PGPASSWORD.
+    pub fn database_url(&self, given: Option<&str>) -> Result<String, SettingsError> {
+        let (key, url) = match given {
+            Some(url) => ("--database", url),
+            None => ("audit.database", self.database.as_str()),
+        };
+        if url.is_empty() {
+            return Err(SettingsError::Invalid {
+                key,
+                problem: "is empty; give the audit database as postgres://USER@HOST:PORT/DATABASE (audit.database, \
+                          BATCHSCORE__AUDIT__DATABASE or --database)"
+                    .into(),
+            });
+        }
+        if !is_postgres_url(url) {
+            return Err(SettingsError::Invalid {
+                key,
+                problem: format!("{} must start with postgres:// or postgresql://", redact(url)),
+            });
+        }
+        let Some(path) = &self.database_password_file else {
+            return Ok(url.to_string());
+        };
+        let password = read_secret("audit.database_password_file", path)?;
+        with_password(url, &password).ok_or_else(|| SettingsError::Invalid {
+            key: "audit.database_password_file",
+            problem: format!(
+                "needs a user name in the database URL to go with the password, e.g. \
+                 postgres://batchscore_audit_sink@db.example:5432/audit (the URL is {})",
+                redact(url)
+            ),
+        })
+    }
+
     fn validate(&self, amqp: &AmqpSettings) -> Result<(), SettingsError> {
         let invalid = |key, problem: String| Err(SettingsError::Invalid { key, problem });
+        if !self.database.is_empty() && !is_postgres_url(&self.database) {
+            return invalid(
+                "audit.database",
+                format!(
+                    "{} must start with postgres:// or postgresql://, e.g. postgres://batchscore_audit_sink@db:5432/audit",
+                    redact(&self.database)
+                ),
+            );
+        }
         if self.stream.is_empty() || self.stream.len() > 255 {
             return invalid("audit.stream", "must be a queue name of 1 to 255 bytes, e.g. scoring.audit".into());
         }
@@ -566,6 +636,10 @@ impl AuditSettings {
         }
         Ok(())
     }
+}
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// `age` is RabbitMQ's `x-max-age`: digits (not all zero) and one unit letter.
@@ -974,5 +1048,26 @@ mod tests {
         settings.batching.max_batch_rows = 0;
         let message = settings.validate().expect_err("zero rows is invalid").to_string();
         assert!(message.contains("batching.max_batch_rows"), "{message}");
+    }
+
+    #[test]
+    fn the_audit_database_password_comes_from_its_file_and_stays_out_of_debug() {
+        let dir = write_settings(
+            "audit:\n  database: postgres://sink:placeholder@db.example:5432/audit\n  database_password_file: \
+             $DIR/db-password\n",
+            &[("db-password", "s3cret@odd\n")],
+        );
+        // Read when the sink asks for the URL, not at load: the directory stays until then.
+        let audit = Settings::load(&dir.join("settings.yaml"), true).expect("loads").audit;
+        let url = audit.database_url(None).expect("a URL");
+        assert_eq!(url, "postgres://sink:s3cret%40odd@db.example:5432/audit");
+        let given = audit.database_url(Some("postgres://other@localhost/audit")).expect("--database wins");
+        assert_eq!(given, "postgres://other:s3cret%40odd@localhost/audit");
+        let _ = std::fs::remove_dir_all(&dir);
+        let shown = format!("{audit:?}");
+        assert!(!shown.contains("placeholder") && !shown.contains("s3cret"), "{shown}");
+        let none = AuditSettings::default().database_url(None).expect_err("no database");
+        assert!(none.to_string().contains("audit.database"), "{none}");
+        refused("audit:\n  database: mysql://db/audit\n", "audit.database", "postgres://");
     }
 }

@@ -1,7 +1,8 @@
 //! RabbitMQ, and the only module that names it: the connection (TLS, certificate login and the
 //! plaintext rule in [`endpoint`]), queue declarations (the audit stream among them), the job
 //! consumer, the confirming publisher and the audit stream's [`recorder`], the job client of
-//! `batchscore submit`, and the [`stream`] reader of `batchscore audit`.
+//! `batchscore submit`, and the stream readers of `batchscore audit` ([`stream`]) and of its sink
+//! ([`tail`]).
 
 pub mod client;
 mod confirm;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod publisher;
 pub mod recorder;
 pub mod stream;
+pub mod tail;
 
 use std::time::Duration;
 

@@ -1,8 +1,10 @@
 //! What can stop an audit command, typed by what the person does next: change the settings,
 //! the stream or the user's permissions (a set-up problem), or try again.
 
+use super::database::DatabaseError;
 use super::reproduce::ReproduceError;
 use crate::amqp::stream::StreamError;
+use crate::settings::SettingsError;
 
 /// What can stop an audit command.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +15,10 @@ pub enum AuditorError {
     Output(#[from] std::io::Error),
     #[error(transparent)]
     Reproduce(#[from] ReproduceError),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
     #[error(
         "no record of job {job_id:?} in {stream}; check the job id, the stream (--stream, audit.stream), and that \
          the trail still keeps records that old (audit.max_age)"
@@ -27,6 +33,8 @@ impl AuditorError {
             AuditorError::Stream(error) => error.is_setup(),
             AuditorError::Output(_) => false,
             AuditorError::Reproduce(error) => error.is_setup(),
+            AuditorError::Settings(_) => true,
+            AuditorError::Database(error) => error.is_setup(),
             AuditorError::NoRecordOfJob { .. } => true,
         }
     }

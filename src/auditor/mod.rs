@@ -1,14 +1,19 @@
 //! The audit trail's reading side, `batchscore audit`: finding the records of a job, a time,
 //! a model or a publisher ([`find`]), verifying that every chain of records is whole
-//! ([`verify`]), and scoring a recorded job again ([`reproduce`]). Both take records one by one from a [`source::RecordSource`] (the audit stream
-//! on the broker, [`source::StreamSource`]), so another store of the same records can feed
-//! them; [`tail`] finds a worker's last record for the worker's first chain to name. Writing
-//! records is the worker's (`audit`, `amqp::recorder`); nothing here writes.
+//! ([`verify`]), and scoring a recorded job again ([`reproduce`]). Finding and verifying take
+//! records one by one from a [`source::RecordSource`] (the audit stream on the broker,
+//! [`source::StreamSource`]), so another store of the same records can feed them. [`tail`] finds
+//! a worker's last record for the worker's first chain to name. The PostgreSQL copy of the
+//! stream is [`database`], which `batchscore audit sink` keeps up to date ([`sink`]). Writing
+//! records is the worker's (`audit`, `amqp::recorder`); nothing here writes to the stream.
 
+pub mod copy;
+pub mod database;
 pub mod error;
 pub mod find;
 pub mod record;
 pub mod reproduce;
+pub mod sink;
 pub mod source;
 pub mod tail;
 pub mod time;
@@ -118,24 +123,42 @@ pub async fn run(settings: &Settings, command: &AuditCommand, out: &mut impl Wri
                 publisher: args.publisher.clone(),
             };
             let window = window(settings, &args.read, args.since, args.until);
-            let mut source = StreamSource::open(&settings.amqp, &window).await?;
-            let (matched, unreadable) = find_in(&mut source, Finder::new(query, args.format), out).await?;
+            let finder = Finder::new(query.clone(), args.format);
+            let ((matched, unreadable), origin) = match copy::open(settings).await? {
+                Some(database) => {
+                    let mut source = copy::records_for(&database, &query).await?;
+                    (find_in(&mut source, finder, out).await?, format!("the audit database {}", database.url()))
+                }
+                None => {
+                    let mut source = StreamSource::open(&settings.amqp, &window).await?;
+                    (find_in(&mut source, finder, out).await?, window.stream.clone())
+                }
+            };
             let mut notes = Vec::new();
             if unreadable > 0 {
-                notes.push(format!("{unreadable} records of {} are not JSON objects and were skipped", window.stream));
+                notes.push(format!("{unreadable} records of {origin} are not JSON objects and were skipped"));
             }
             if matched == 0 {
-                notes.push(format!("no record in {} matched", window.stream));
+                notes.push(format!("no record in {origin} matched"));
             }
             Ok(Verdict { clean: matched > 0, message: (!notes.is_empty()).then(|| notes.join("; ")) })
         }
         AuditCommand::VerifyChain(args) => {
             let window = window(settings, &args.read, args.since, None);
-            let mut source = StreamSource::open(&settings.amqp, &window).await?;
-            let report = verify_in(&mut source, args.since.is_some()).await?;
+            let (report, origin) = match copy::open(settings).await? {
+                Some(database) => {
+                    let mut source = copy::chains_since(&database, args.since).await?;
+                    // The database holds each chain whole, from its first record.
+                    (verify_in(&mut source, false).await?, format!("the audit database {}", database.url()))
+                }
+                None => {
+                    let mut source = StreamSource::open(&settings.amqp, &window).await?;
+                    (verify_in(&mut source, args.since.is_some()).await?, window.stream.clone())
+                }
+            };
             write!(out, "{report}")?;
-            let message = (!report.is_whole())
-                .then(|| format!("{} problems in the chains of {}", report.problems(), window.stream));
+            let message =
+                (!report.is_whole()).then(|| format!("{} problems in the chains of {origin}", report.problems()));
             Ok(Verdict { clean: report.is_whole(), message })
         }
         AuditCommand::Reproduce(command) => {
