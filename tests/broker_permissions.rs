@@ -387,7 +387,12 @@ const RULES: &[Rule] = &[
         untried: &[],
     },
     Rule { what: "consume dead letters", op: Op::Consume("scoring.dlq"), allowed: &[OPERATIONS], untried: &[] },
-    Rule { what: "read the audit trail", op: Op::Consume(AUDIT_STREAM), allowed: &[AUDITOR, OPERATIONS], untried: &[] },
+    Rule {
+        what: "read the audit trail (the worker: its own last record, at start-up)",
+        op: Op::Consume(AUDIT_STREAM),
+        allowed: &[WORKER, AUDITOR, OPERATIONS],
+        untried: &[],
+    },
     // Read permission includes purging: the worker and operations may (not tried here, as it would
     // empty the queue under the other tests).
     Rule { what: "purge the jobs queue", op: Op::Purge("scoring.jobs"), allowed: &[], untried: &[WORKER, OPERATIONS] },
