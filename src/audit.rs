@@ -255,7 +255,8 @@ fn outputs_of(result: &[u8]) -> Result<&RawValue, String> {
     serde_json::from_slice::<Outputs>(result).map(|body| body.outputs).map_err(|e| e.to_string())
 }
 
-fn hex(bytes: [u8; 32]) -> String {
+/// A sha256 in lowercase hex, as records show digests.
+pub fn hex(bytes: [u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
+
+use super::record;
 
 /// One migration: its name (the file's stem) and its SQL.
 pub struct Migration {
@@ -656,7 +657,7 @@ impl Rows {
         self.line_no.push(i32::try_from(line_no).unwrap_or(i32::MAX));
         // `parse` read the line as UTF-8 already.
         self.body.push(String::from_utf8_lossy(line).into_owned());
-        self.body_sha256.push(hex(&Sha256::digest(line)));
+        self.body_sha256.push(record::digest(line));
     }
 
     /// The parameters of [`INSERT_RECORDS`], `$1` to `$26`.
@@ -690,10 +691,6 @@ impl Rows {
             &self.body_sha256,
         ]
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// A connection's URL without its password: `postgres://user@host:port/database`.

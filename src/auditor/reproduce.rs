@@ -432,8 +432,7 @@ fn bind(
                 continue;
             }
         };
-        let digest = audit::inputs(&inputs, model.signature.n_features, false).sha256;
-        let digest: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let digest = audit::hex(audit::inputs(&inputs, model.signature.n_features, false).sha256);
         if digest == scored.inputs_sha256 {
             return Ok(Bound { model, inputs, config: candidate.name.clone() });
         }
