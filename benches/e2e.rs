@@ -6,7 +6,7 @@
 //! one). `BENCH_SCALE=0.1` shrinks job counts and durations for a quick check. The report goes to
 //! `target/bench/e2e.md` (or `BENCH_REPORT`) and to stdout; worker logs to `target/bench/logs/`.
 //! `BENCH_ONLY=lanes` (a comma list of drains, open-loop, lanes, quantised, explain, security,
-//! audit) runs only those phases.
+//! audit, spin) runs only those phases.
 //! `BATCHSCORE__<SECTION>__<KEY>` variables reach every worker and the in-process model, and the
 //! Python workers get the same prefetch, batching and thread settings, so one can compare, say,
 //! `BATCHSCORE__INFERENCE__INTRA_THREADS=1` runs.
@@ -23,14 +23,16 @@
 //! lane draining a million rows while online jobs keep arriving. Then float32 against INT8: 100-row
 //! jobs for `credit_default` and for its quantised variant `credit_default_int8` drained by (c), each
 //! model's engine ceiling (b) at the batch size (c) formed, and the variant's held-out figures from
-//! its `quantisation.json`. Last, explanations: (c) serving `tests/fixtures/explain/models`, rows/s
+//! its `quantisation.json`. Then explanations: (c) serving `tests/fixtures/explain/models`, rows/s
 //! with and without `"explain": true` per method in alternating pairs, and the worker's own p99 of
 //! single-row explained jobs at a fixed rate (`benches/e2e/explained.rs`). Then security: (c)
 //! draining 1-row and 100-row jobs over `amqps://` and over `amqp://` of one private RabbitMQ node,
 //! in alternating rounds (`benches/e2e/security.rs`; the node and its certificates come from the
-//! test suite's harness, so this phase needs root or user rabbitmq, like the tests). Last, the
+//! test suite's harness, so this phase needs root or user rabbitmq, like the tests). Then the
 //! audit trail: (c) draining 1-row and 100-row jobs with `audit.enabled` off and on, in alternating
-//! rounds, each audit-on drain recording to a stream of its own (`benches/e2e/audit.rs`). Every
+//! rounds, each audit-on drain recording to a stream of its own (`benches/e2e/audit.rs`). Last,
+//! ONNX Runtime's spin policies against each other: drains and open loops of (c) in alternating
+//! rounds (`benches/e2e/spin.rs`). Every
 //! measurement runs on its own uniquely named queues, which are deleted at the end.
 
 #[path = "e2e/audit.rs"]
@@ -51,6 +53,8 @@ mod report;
 mod scenarios;
 #[path = "e2e/security.rs"]
 mod security;
+#[path = "e2e/spin.rs"]
+mod spin;
 #[path = "e2e/variants.rs"]
 mod variants;
 #[path = "e2e/workers.rs"]
@@ -133,6 +137,9 @@ async fn run() -> Result<bool> {
     }
     if phase_wanted("audit") {
         report.audit = Some(audit::compare(&bench).await);
+    }
+    if phase_wanted("spin") {
+        report.spin = Some(spin::compare(&bench).await);
     }
     bench.cleanup().await;
     let text = report.render();
@@ -253,7 +260,7 @@ fn scale_from_env() -> Result<f64> {
 }
 
 /// `BENCH_ONLY=lanes,quantised` runs only the named phases (drains, open-loop, lanes, quantised,
-/// explain, security, audit).
+/// explain, security, audit, spin).
 fn phase_wanted(phase: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == phase))
 }

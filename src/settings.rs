@@ -357,8 +357,9 @@ pub struct InferenceSettings {
     pub sessions: usize,
     /// Threads inside one run; 0 lets ONNX Runtime use one per core.
     pub intra_threads: usize,
-    /// Let ONNX Runtime's threads spin-wait between runs (its default): lower latency for small
-    /// batches, CPU taken from whatever else shares the cores.
+    /// Let ONNX Runtime's threads spin-wait for work instead of sleeping at once (ONNX Runtime's
+    /// own default). Off by default: the spinning takes CPU from decoding, encoding and the
+    /// broker, and measured slower on shared cores (docs/PERFORMANCE.md, "Spin policy").
     pub intra_op_spinning: bool,
     /// Where models run unless their config.yaml says otherwise.
     pub execution_provider: ExecutionProvider,
@@ -385,7 +386,7 @@ impl Default for InferenceSettings {
         Self {
             sessions: 1,
             intra_threads: 0,
-            intra_op_spinning: true,
+            intra_op_spinning: false,
             execution_provider: ExecutionProvider::Cpu,
             cuda_device_id: 0,
             cuda_memory_limit_mb: 0,

@@ -66,6 +66,12 @@ async fn fp16_model_scores_match_onnxruntime() {
     score_fixture("fp16", fixtures_repository(), "mlp_fp16", "1").await;
 }
 
+/// The multi-layer perceptron (256, 256) the benchmarks measure ONNX Runtime's spin policy on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn larger_mlp_demo_model_scores_match_onnxruntime() {
+    score_fixture("demo-mlp", root().join("models"), "credit_default_mlp", "1").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn int8_demo_model_scores_match_onnxruntime() {
     score_fixture("demo-int8", root().join("models"), "credit_default_int8", "1").await;

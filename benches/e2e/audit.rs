@@ -11,13 +11,14 @@
 //! record per job, else the drain counts as failed. The stream goes with the drain's queues.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 
-use crate::scenarios;
 use crate::variants::{self, Comparison, Plan, Run, ROUNDS};
 use crate::Bench;
+use crate::{jobs, scenarios};
 
 /// The longest wait for each read of the stream while its records are counted.
 const READ_PATIENCE: Duration = Duration::from_secs(30);
@@ -63,6 +64,8 @@ async fn drain(bench: &Bench, variant: Variant, jobs: usize, rows_per_job: usize
         topology: &topology,
         jobs,
         rows_per_job,
+        model: jobs::MODEL,
+        reference: Arc::clone(&bench.reference),
         key: None,
         worker_env,
         broker_pid: scenarios::broker_pid(),

@@ -13,6 +13,7 @@ use crate::scenarios::{
     self, Drain, DrainReport, Lanes, Latency, Measured, LANES_RATE, LANES_SECONDS, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS,
 };
 use crate::security::SecurityReport;
+use crate::spin::SpinReport;
 use crate::variants::Comparison;
 use crate::workers::Kind;
 use crate::Bench;
@@ -30,6 +31,7 @@ pub struct Report {
     pub explain: Option<ExplainReport>,
     pub security: Option<SecurityReport>,
     pub audit: Option<AuditReport>,
+    pub spin: Option<SpinReport>,
 }
 
 impl Report {
@@ -47,12 +49,14 @@ impl Report {
         machine.push((
             "Worker settings",
             format!(
-                "settings.yaml: prefetch {}, max_batch_rows {}, max_delay_ms {}, sessions {}, intra_threads {}",
+                "settings.yaml: prefetch {}, max_batch_rows {}, max_delay_ms {}, sessions {}, intra_threads {}, \
+                 intra_op_spinning {}",
                 s.amqp.prefetch,
                 s.batching.max_batch_rows,
                 s.batching.max_delay_ms,
                 s.inference.sessions,
-                s.inference.intra_threads
+                s.inference.intra_threads,
+                s.inference.intra_op_spinning,
             ),
         ));
         Self {
@@ -66,6 +70,7 @@ impl Report {
             explain: None,
             security: None,
             audit: None,
+            spin: None,
         }
     }
 
@@ -82,6 +87,7 @@ impl Report {
             || self.explain.as_ref().is_some_and(ExplainReport::has_failures)
             || self.security.as_ref().is_some_and(SecurityReport::has_failures)
             || self.audit.as_ref().is_some_and(AuditReport::has_failures)
+            || self.spin.as_ref().is_some_and(SpinReport::has_failures)
     }
 
     pub fn render(&self) -> String {
@@ -107,6 +113,9 @@ impl Report {
         }
         if let Some(audit) = &self.audit {
             audit.render(&mut out);
+        }
+        if let Some(spin) = &self.spin {
+            spin.render(&mut out);
         }
         out
     }

@@ -312,10 +312,33 @@ pub async fn open_loop_all(bench: &Bench) -> Vec<(Kind, Measured<Latency>)> {
 
 async fn open_loop_on(bench: &Bench, kind: Kind) -> Result<Latency> {
     let name = format!("{}-open", tag(kind));
-    let topology = bench.topology(&name, false);
+    open_loop_of(bench, kind, &name, jobs::MODEL, reference_for(bench, kind), &[]).await
+}
+
+/// The open loop of jobs for `model`, a few results checked against `reference`, on a batchscore
+/// worker started with `worker_env`, on queues of its own.
+pub async fn open_loop_with_env(
+    bench: &Bench,
+    name: &str,
+    model: &str,
+    reference: Arc<Reference>,
+    worker_env: &[(&str, String)],
+) -> Result<Latency> {
+    open_loop_of(bench, Kind::Batchscore, name, model, Some(reference), worker_env).await
+}
+
+async fn open_loop_of(
+    bench: &Bench,
+    kind: Kind,
+    name: &str,
+    model: &str,
+    reference: Option<Arc<Reference>>,
+    worker_env: &[(&str, String)],
+) -> Result<Latency> {
+    let topology = bench.topology(name, false);
     bench.broker.declare(&topology).await?;
-    let (mut worker, _) = Worker::start(bench, kind, &topology, &name).await?;
-    let run = open_loop(bench, &topology, "open", reference_for(bench, kind), OPEN_LOOP_RATE, OPEN_LOOP_SECONDS);
+    let (mut worker, _) = Worker::start_with_env(bench, kind, &topology, name, worker_env).await?;
+    let run = open_loop(bench, &topology, "open", model, reference, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS);
     let run = worker.guard(run).await?;
     let mut latency = latency(&run, None)?;
     latency.mean_batch = worker.mean_batch_rows().await;
@@ -332,18 +355,19 @@ struct OpenLoop {
     collected: Collected,
 }
 
-/// Publishes single-row jobs to the online queue at `rate` for `seconds` (scaled) and collects
-/// their results.
+/// Publishes single-row jobs for `model` to the online queue at `rate` for `seconds` (scaled) and
+/// collects their results.
 async fn open_loop(
     bench: &Bench,
     topology: &Topology,
     tag: &str,
+    model: &str,
     reference: Option<Arc<Reference>>,
     rate: f64,
     seconds: f64,
 ) -> Result<OpenLoop> {
     let count = ((rate * bench.duration(seconds).as_secs_f64()).round() as usize).max(1);
-    let jobs = jobs::build(&bench.samples, jobs::MODEL, tag, count, 1);
+    let jobs = jobs::build(&bench.samples, model, tag, count, 1);
     let mut replies = bench.broker.replies(&topology.name(&format!("replies.{tag}"))).await?;
     let collector = replies.collect(Expectation {
         label: format!("open loop {tag}"),
@@ -409,7 +433,7 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
     // The first worker declares both lanes, exactly as it wants them, and serves the online lane
     // with nothing in the bulk lane.
     let (mut worker, _) = Worker::start(bench, Kind::Batchscore, &topology, "c-lanes-idle").await?;
-    let run = open_loop(bench, &topology, "idle", reference.clone(), LANES_RATE, LANES_SECONDS);
+    let run = open_loop(bench, &topology, "idle", jobs::MODEL, reference.clone(), LANES_RATE, LANES_SECONDS);
     let run = worker.guard(run).await?;
     let mut idle = latency(&run, None)?;
     idle.mean_batch = worker.mean_batch_rows().await;
@@ -434,7 +458,7 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
     let processes =
         [("worker", Some(worker.pid())), ("RabbitMQ", broker_pid()), ("benchmark", Some(std::process::id()))];
     let cpu_before: Vec<Option<f64>> = processes.iter().map(|(_, pid)| pid.and_then(cpu_seconds)).collect();
-    let online = open_loop(bench, &topology, "during", reference, LANES_RATE, LANES_SECONDS);
+    let online = open_loop(bench, &topology, "during", jobs::MODEL, reference, LANES_RATE, LANES_SECONDS);
     let bulk = async {
         let drained = bulk.finish().await?;
         let cpu_after: Vec<Option<f64>> = processes.iter().map(|(_, pid)| pid.and_then(cpu_seconds)).collect();

@@ -21,13 +21,14 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
 use batchscore::payload::PayloadKey;
 
 use crate::broker::{Broker, Topology};
 use crate::certificates::Authority;
+use crate::jobs;
 use crate::private_broker::{BrokerOptions, PrivateBroker};
 use crate::report::not_done;
 use crate::scenarios::{self, Measured};
@@ -230,6 +231,8 @@ async fn drain(
         topology: &topology,
         jobs,
         rows_per_job,
+        model: jobs::MODEL,
+        reference: Arc::clone(&bench.reference),
         key: variant.setup.sealed.then(|| node.payload_key.clone()),
         worker_env: (variant.setup.worker_env)(node),
         broker_pid: node.beam_pid(),

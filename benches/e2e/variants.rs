@@ -7,12 +7,14 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use batchscore::payload::PayloadKey;
 
 use crate::broker::{Broker, Expectation, Topology};
+use crate::engine::Reference;
 use crate::report::{goal_cell, not_done, spread_cell, thousands, two_places, Spread};
 use crate::scenarios::{self, cpu_seconds, Drain, Measured};
 use crate::workers::{Kind, Worker};
@@ -122,6 +124,10 @@ pub struct Plan<'a> {
     pub topology: &'a Topology,
     pub jobs: usize,
     pub rows_per_job: usize,
+    /// The model the jobs are for, and its scores of the sample rows, which results are checked
+    /// against.
+    pub model: &'a str,
+    pub reference: Arc<Reference>,
     /// Jobs go sealed with this key, and results come back sealed with it.
     pub key: Option<PayloadKey>,
     /// The worker's `BATCHSCORE__…` settings, besides its queues.
@@ -140,18 +146,18 @@ impl Plan<'_> {
         bench: &Bench,
         before_stop: Option<impl Future<Output = T>>,
     ) -> Result<(Run, Option<T>)> {
-        let Plan { name, driver, topology, jobs, rows_per_job, key, worker_env, broker_pid } = self;
+        let Plan { name, driver, topology, jobs, rows_per_job, model, reference, key, worker_env, broker_pid } = self;
         driver.declare(topology).await?;
         let mut replies = driver.replies(&topology.name("replies")).await?;
         let collector = replies.collect(Expectation {
             label: name.clone(),
             jobs,
             rows_per_job,
-            reference: Some(bench.reference.clone()),
+            reference: Some(reference),
             key: key.clone(),
             deadline: Instant::now() + PHASE_TIMEOUT,
         })?;
-        let mut batch = jobs::build(&bench.samples, jobs::MODEL, "job", jobs, rows_per_job);
+        let mut batch = jobs::build(&bench.samples, model, "job", jobs, rows_per_job);
         if let Some(key) = &key {
             batch = jobs::seal(batch, key);
         }
@@ -196,7 +202,7 @@ pub fn render_table<S>(out: &mut String, baseline: &str, comparisons: &[Comparis
                     .map_or("—".into(), |s| format!("{:.1}", s.median))
             };
             let ratio = if v == 0 { "—".to_string() } else { c.ratio(v).map_or("—".into(), two_places) };
-            let target = goal_cell(variant.goal, c.ratio(v), "baseline");
+            let target = if v == 0 { "baseline".to_string() } else { goal_cell(variant.goal, c.ratio(v), "—") };
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {ratio} | {} | {} | {target} |",
