@@ -124,7 +124,7 @@ async fn run() -> Result<bool> {
         report.open_loops = scenarios::open_loop_all(&bench).await;
     }
     if phase_wanted("lanes") {
-        report.lanes = Some(scenarios::lanes(&bench).await);
+        report.lanes = scenarios::lanes(&bench).await;
     }
     if phase_wanted("quantised") {
         report.quantised = Some(quantised::compare(&bench).await);

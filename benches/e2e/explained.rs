@@ -130,7 +130,7 @@ pub struct Comparison {
 
 impl Comparison {
     fn spread(runs: &[Measured<Run>], figure: impl Fn(&Run) -> Option<f64>) -> Option<Spread> {
-        Spread::of(runs.iter().filter_map(Measured::done).filter_map(figure).collect())
+        Spread::over(runs, figure)
     }
 
     pub fn plain_rows_per_s(&self) -> Option<Spread> {

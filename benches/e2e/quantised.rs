@@ -108,10 +108,11 @@ async fn model_run(
         Ok((engine, reference)) => {
             let scenario = DrainScenario { key: variant.key, ..*scenario };
             let what = format!("{}, {} serving {model}", scenario.title(), scenarios::label(Kind::Batchscore));
-            let drain = scenarios::drain_model(bench, Kind::Batchscore, &scenario, model, Some(Arc::clone(reference)));
+            let drain =
+                scenarios::drain_model(bench, Kind::Batchscore, &scenario, 1, model, Some(Arc::clone(reference)));
             let worker = scenarios::measure(&what, drain).await;
             let system = format!("(b) engine ceiling, {model}");
-            let ceiling = scenarios::engine_ceiling(bench, engine, &worker, &system).await;
+            let ceiling = scenarios::engine_ceiling(bench, engine, worker.done(), &system).await;
             (worker, ceiling)
         }
         Err(why) => {

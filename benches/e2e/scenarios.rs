@@ -1,5 +1,7 @@
 //! The measurements: pre-filled queues drained by each system, open loops at a fixed rate, and
-//! the online lane under a bulk drain.
+//! the online lane under a bulk drain. Drains and open loops run in [`ROUNDS`] rounds, the
+//! systems alternating within each (a, c, d, e, a, c, d, e, …), so that each system's figures
+//! come with their spread and a drift of the machine during the run touches every system alike.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +21,10 @@ pub const OPEN_LOOP_RATE: f64 = 1_000.0;
 pub const OPEN_LOOP_SECONDS: f64 = 10.0;
 pub const LANES_RATE: f64 = 200.0;
 pub const LANES_SECONDS: f64 = 5.0;
+/// Drains per system and scenario, and open loops per system.
+pub const ROUNDS: usize = 3;
+/// The systems of the drains and open loops, in the order they alternate.
+const SYSTEMS: [Kind; 4] = [Kind::NoopEngine, Kind::Batchscore, Kind::PythonBatching, Kind::PythonPerMessage];
 /// Beyond [`PHASE_TIMEOUT`] for the steps around the collection (starting and stopping workers).
 const PHASE_SLACK: Duration = Duration::from_secs(60);
 
@@ -102,14 +108,21 @@ impl Drain {
     }
 }
 
-/// Every system on one scenario.
+/// Every system on one scenario: each worker's drains in the order they ran.
 pub struct DrainReport {
     pub scenario: DrainScenario,
-    pub broker: Measured<Drain>,
+    pub broker: Vec<Measured<Drain>>,
     pub engine: Measured<EngineRun>,
-    pub batchscore: Measured<Drain>,
-    pub python_batching: Measured<Drain>,
-    pub python_per_message: Measured<Drain>,
+    pub batchscore: Vec<Measured<Drain>>,
+    pub python_batching: Vec<Measured<Drain>>,
+    pub python_per_message: Vec<Measured<Drain>>,
+}
+
+/// The drain with the median rows/s of `runs` (the upper one of an even count).
+pub fn median_drain(runs: &[Measured<Drain>]) -> Option<&Drain> {
+    let mut done: Vec<&Drain> = runs.iter().filter_map(Measured::done).collect();
+    done.sort_by(|a, b| a.rows_per_s().total_cmp(&b.rows_per_s()));
+    done.get(done.len() / 2).copied()
 }
 
 /// Open-loop latency, publish to result receipt.
@@ -142,6 +155,12 @@ pub struct Lanes {
 }
 
 impl Lanes {
+    /// Online p99 during the bulk drain ÷ with the bulk lane idle.
+    pub fn p99_ratio(&self) -> Option<f64> {
+        let idle = self.idle.p99.as_secs_f64();
+        (idle > 0.0).then(|| self.during.p99.as_secs_f64() / idle)
+    }
+
     pub fn bulk_rows_per_s(&self) -> f64 {
         self.bulk_rows as f64 / self.drain_seconds
     }
@@ -183,27 +202,31 @@ pub async fn measure<T>(what: &str, work: impl Future<Output = Result<T>>) -> Me
     measured
 }
 
-/// Scenario `scenario` on every system: (a), (c), then (b) at the batch size (c) formed, (d), (e).
+/// Scenario `scenario` on every system in [`ROUNDS`] rounds of (a), (c), (d), (e); then (b) at the
+/// batch size (c) formed in its median drain.
 pub async fn drain_all(bench: &Bench, scenario: &DrainScenario) -> DrainReport {
     let scenario = DrainScenario { jobs: bench.count(scenario.jobs), ..*scenario };
-    let what = |kind: Kind| format!("{}, {}", scenario.title(), label(kind));
-    let broker = measure(&what(Kind::NoopEngine), drain(bench, Kind::NoopEngine, &scenario)).await;
-    let batchscore = measure(&what(Kind::Batchscore), drain(bench, Kind::Batchscore, &scenario)).await;
-    let engine = engine_ceiling(bench, &bench.engine, &batchscore, "(b) engine ceiling").await;
-    let python_batching = measure(&what(Kind::PythonBatching), drain(bench, Kind::PythonBatching, &scenario)).await;
-    let python_per_message =
-        measure(&what(Kind::PythonPerMessage), drain(bench, Kind::PythonPerMessage, &scenario)).await;
+    let mut runs: [Vec<Measured<Drain>>; 4] = Default::default();
+    for round in 1..=ROUNDS {
+        for (s, kind) in SYSTEMS.into_iter().enumerate() {
+            let what = format!("{}, {}, {round} of {ROUNDS}", scenario.title(), label(kind));
+            let reference = reference_for(bench, kind);
+            runs[s].push(measure(&what, drain_model(bench, kind, &scenario, round, jobs::MODEL, reference)).await);
+        }
+    }
+    let [broker, batchscore, python_batching, python_per_message] = runs;
+    let engine = engine_ceiling(bench, &bench.engine, median_drain(&batchscore), "(b) engine ceiling").await;
     DrainReport { scenario, broker, engine, batchscore, python_batching, python_per_message }
 }
 
-/// `engine` run in this process at the mean batch size the worker of `batchscore` formed.
+/// `engine` run in this process at the mean batch size the worker formed in `batchscore`.
 pub async fn engine_ceiling(
     bench: &Bench,
     engine: &Engine,
-    batchscore: &Measured<Drain>,
+    batchscore: Option<&Drain>,
     system: &str,
 ) -> Measured<EngineRun> {
-    match batchscore.done().map(|d| d.mean_batch) {
+    match batchscore.map(|d| d.mean_batch) {
         Some(Some(rows)) => {
             let what = format!("batches of {rows:.0} rows, {system}");
             measure(&what, engine.throughput(&bench.samples, rows.round() as usize)).await
@@ -217,21 +240,18 @@ fn reference_for(bench: &Bench, kind: Kind) -> Option<Arc<Reference>> {
     (kind != Kind::NoopEngine).then(|| Arc::clone(&bench.reference))
 }
 
-/// Pre-fills a queue with jobs for the demo model, starts the worker, and times it from readiness
-/// to the last result.
-async fn drain(bench: &Bench, kind: Kind, scenario: &DrainScenario) -> Result<Drain> {
-    drain_model(bench, kind, scenario, jobs::MODEL, reference_for(bench, kind)).await
-}
-
-/// [`drain`] with jobs for `model`, a few results checked against `reference` (scores of `model`).
+/// Pre-fills a queue with jobs for `model`, starts the worker, and times it from readiness to the
+/// last result; a few results are checked against `reference` (scores of `model`). `round` tells
+/// the queues of repeated drains apart.
 pub async fn drain_model(
     bench: &Bench,
     kind: Kind,
     scenario: &DrainScenario,
+    round: usize,
     model: &str,
     reference: Option<Arc<Reference>>,
 ) -> Result<Drain> {
-    let name = format!("{}-{}", tag(kind), scenario.key);
+    let name = format!("{}-{}-{round}", tag(kind), scenario.key);
     let topology = bench.topology(&name, false);
     bench.broker.declare(&topology).await?;
     let mut replies = bench.broker.replies(&topology.name("replies")).await?;
@@ -300,18 +320,21 @@ fn duplicates(collected: &Collected) -> Option<String> {
     (collected.duplicates > 0).then(|| format!("{} duplicate results", collected.duplicates))
 }
 
-/// The open loop on (c), (a) and (d).
-pub async fn open_loop_all(bench: &Bench) -> Vec<(Kind, Measured<Latency>)> {
-    let mut all = Vec::new();
-    for kind in [Kind::Batchscore, Kind::NoopEngine, Kind::PythonBatching] {
-        let what = format!("open loop at {OPEN_LOOP_RATE:.0} jobs/s, {}", label(kind));
-        all.push((kind, measure(&what, open_loop_on(bench, kind)).await));
+/// The open loop on every system, in [`ROUNDS`] rounds of (a), (c), (d), (e); each system's loops
+/// in the order they ran.
+pub async fn open_loop_all(bench: &Bench) -> Vec<(Kind, Vec<Measured<Latency>>)> {
+    let mut all: Vec<(Kind, Vec<Measured<Latency>>)> = SYSTEMS.iter().map(|kind| (*kind, Vec::new())).collect();
+    for round in 1..=ROUNDS {
+        for (kind, loops) in &mut all {
+            let what = format!("open loop at {OPEN_LOOP_RATE:.0} jobs/s, {}, {round} of {ROUNDS}", label(*kind));
+            loops.push(measure(&what, open_loop_on(bench, *kind, round)).await);
+        }
     }
     all
 }
 
-async fn open_loop_on(bench: &Bench, kind: Kind) -> Result<Latency> {
-    let name = format!("{}-open", tag(kind));
+async fn open_loop_on(bench: &Bench, kind: Kind, round: usize) -> Result<Latency> {
+    let name = format!("{}-open-{round}", tag(kind));
     open_loop_of(bench, kind, &name, jobs::MODEL, reference_for(bench, kind), &[]).await
 }
 
@@ -421,18 +444,24 @@ fn latency(run: &OpenLoop, until: Option<Instant>) -> Result<Latency> {
 }
 
 /// The online lane's p99 with the bulk lane idle, then while the bulk lane drains a million rows.
-pub async fn lanes(bench: &Bench) -> Measured<Lanes> {
-    measure("priority lanes, (c) batchscore", lanes_run(bench)).await
+/// [`ROUNDS`] measurements of the lanes, each with fresh queues and workers.
+pub async fn lanes(bench: &Bench) -> Vec<Measured<Lanes>> {
+    let mut rounds = Vec::new();
+    for round in 1..=ROUNDS {
+        let what = format!("priority lanes, (c) batchscore, {round} of {ROUNDS}");
+        rounds.push(measure(&what, lanes_run(bench, round)).await);
+    }
+    rounds
 }
 
-async fn lanes_run(bench: &Bench) -> Result<Lanes> {
-    let topology = bench.topology("c-lanes", true);
+async fn lanes_run(bench: &Bench, round: usize) -> Result<Lanes> {
+    let topology = bench.topology(&format!("c-lanes-{round}"), true);
     let reference = Some(Arc::clone(&bench.reference));
     let mut notes = Vec::new();
 
     // The first worker declares both lanes, exactly as it wants them, and serves the online lane
     // with nothing in the bulk lane.
-    let (mut worker, _) = Worker::start(bench, Kind::Batchscore, &topology, "c-lanes-idle").await?;
+    let (mut worker, _) = Worker::start(bench, Kind::Batchscore, &topology, &format!("c-lanes-idle-{round}")).await?;
     let run = open_loop(bench, &topology, "idle", jobs::MODEL, reference.clone(), LANES_RATE, LANES_SECONDS);
     let run = worker.guard(run).await?;
     let mut idle = latency(&run, None)?;
@@ -454,7 +483,8 @@ async fn lanes_run(bench: &Bench) -> Result<Lanes> {
     prefill_bulk(bench, &topology, &bulk_replies.name, bulk_jobs).await?;
 
     // The second worker finds the bulk queue full; the online open loop starts with it.
-    let (mut worker, ready_at) = Worker::start(bench, Kind::Batchscore, &topology, "c-lanes-drain").await?;
+    let (mut worker, ready_at) =
+        Worker::start(bench, Kind::Batchscore, &topology, &format!("c-lanes-drain-{round}")).await?;
     let processes =
         [("worker", Some(worker.pid())), ("RabbitMQ", broker_pid()), ("benchmark", Some(std::process::id()))];
     let cpu_before: Vec<Option<f64>> = processes.iter().map(|(_, pid)| pid.and_then(cpu_seconds)).collect();

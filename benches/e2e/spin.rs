@@ -46,8 +46,7 @@ impl SpinReport {
     }
 
     fn latency(&self, variant: usize, figure: impl Fn(&Latency) -> Duration) -> Option<Spread> {
-        let ms = |l: &Latency| figure(l).as_secs_f64() * 1e3;
-        Spread::of(self.open_loops[variant].iter().filter_map(Measured::done).map(ms).collect())
+        Spread::over(&self.open_loops[variant], |l| Some(figure(l).as_secs_f64() * 1e3))
     }
 }
 
@@ -138,14 +137,7 @@ impl SpinReport {
             |s: Option<Spread>| s.map_or("—".into(), |s| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max));
         let mut notes = Vec::new();
         for (v, variant) in VARIANTS.iter().enumerate() {
-            let worker = Spread::of(
-                self.open_loops[v]
-                    .iter()
-                    .filter_map(Measured::done)
-                    .filter_map(|l| l.worker_p99)
-                    .map(|d| d.as_secs_f64() * 1e3)
-                    .collect(),
-            );
+            let worker = Spread::over(&self.open_loops[v], |l| l.worker_p99.map(|d| d.as_secs_f64() * 1e3));
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {} |",

@@ -59,7 +59,7 @@ pub struct Comparison<S> {
 
 impl<S> Comparison<S> {
     fn spread(runs: &[Measured<Run>], figure: impl Fn(&Run) -> Option<f64>) -> Option<Spread> {
-        Spread::of(runs.iter().filter_map(Measured::done).filter_map(figure).collect())
+        Spread::over(runs, figure)
     }
 
     pub fn rows_per_s(&self, variant: usize) -> Option<Spread> {
