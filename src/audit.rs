@@ -37,9 +37,16 @@ pub fn shown(job_id: Option<&str>) -> String {
 /// The digest (and, when `keep`, a copy) of a job's rows as scored: `values` row-major,
 /// `features` values per row.
 pub fn inputs(values: &[f32], features: usize, keep: bool) -> AuditedInputs {
+    // The bytes go to the hash a block at a time: an update per 4-byte value adds a call and a
+    // buffer copy per value to the hashing, a large part of the trail's cost on 100-row jobs.
+    const BLOCK_VALUES: usize = 1024;
     let mut digest = Sha256::new();
-    for value in values {
-        digest.update(value.to_le_bytes());
+    let mut block = [0u8; 4 * BLOCK_VALUES];
+    for chunk in values.chunks(BLOCK_VALUES) {
+        for (bytes, value) in block.chunks_exact_mut(4).zip(chunk) {
+            bytes.copy_from_slice(&value.to_le_bytes());
+        }
+        digest.update(&block[..4 * chunk.len()]);
     }
     AuditedInputs { sha256: digest.finalize().into(), features, rows: keep.then(|| values.to_vec()) }
 }
@@ -346,6 +353,13 @@ mod tests {
 
     fn json(body: &[u8]) -> serde_json::Value {
         serde_json::from_slice(body).expect("a record is JSON")
+    }
+
+    #[test]
+    fn the_inputs_digest_spans_rows_larger_than_one_block() {
+        let values: Vec<f32> = (0..2_500).map(|i| i as f32 * 0.37 - 400.0).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(inputs(&values, 50, false).sha256, <[u8; 32]>::from(Sha256::digest(&bytes)));
     }
 
     #[test]
