@@ -2,7 +2,7 @@
 # End-to-end benchmark: the batchscore worker against the local RabbitMQ, next to its broker and
 # engine ceilings and two Python workers (benches/e2e.rs describes what is measured).
 #
-#   scripts/bench.sh                    full run, about 10 minutes on 2 cores
+#   scripts/bench.sh                    full run, about 12 minutes on 2 cores
 #   BENCH_SCALE=0.1 scripts/bench.sh    quick check: a tenth of the jobs, shorter open loops
 #
 # Prepares what it needs (ONNX Runtime and RabbitMQ through scripts/setup.sh, the Python workers'
