@@ -246,16 +246,13 @@ impl Report {
              publishing a job to receiving its result. Each system runs one loop per round, in rounds of (a), (c), (d), \
              (e); figures are the median over the rounds, min–max in brackets; max, publisher lag and peak RSS are the \
              highest. Targets: p99 ≤ max_delay_ms + 5 ms = {} ms, and batchscore's p50 and p99 at most the Python \
-             per-message worker's.\n\n\
-             | System | Loops | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | p99 in worker (ms) | Publisher lag, max (ms) | Mean batch (rows) \
-             | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+             per-message worker's.\n\n",
             thousands(OPEN_LOOP_RATE),
             seconds.max(1.0),
             self.max_delay_ms + 5
         );
-        for (kind, loops) in &self.open_loops {
-            latency_rounds_row(out, scenarios::label(*kind), loops);
-        }
+        let rows = self.open_loops.iter().map(|(kind, loops)| (scenarios::label(*kind), loops.as_slice()));
+        latency_rounds_table(out, "System", rows);
     }
 
     fn render_lanes(&self, out: &mut String) {
@@ -367,6 +364,23 @@ fn engine_row(out: &mut String, measured: &Measured<EngineRun>, rows_per_job: us
         ),
         other => writeln!(out, "| {system} | — | — | — | — | — | {} |", not_done(other)),
     };
+}
+
+/// A table of open loops repeated in rounds, a row per system (or variant, named in the first
+/// column `first`): percentiles as `median (min–max)` over the rounds.
+pub fn latency_rounds_table<'a>(
+    out: &mut String,
+    first: &str,
+    rows: impl Iterator<Item = (&'a str, &'a [Measured<Latency>])>,
+) {
+    let _ = writeln!(
+        out,
+        "| {first} | Loops | p50 (ms) | p95 (ms) | p99 (ms) | Max (ms) | p99 in worker (ms) | Publisher lag, max (ms) \
+         | Mean batch (rows) | Peak RSS (MB) | Notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    );
+    for (system, loops) in rows {
+        latency_rounds_row(out, system, loops);
+    }
 }
 
 /// One system's open loops: percentiles as `median (min–max)` over the rounds.

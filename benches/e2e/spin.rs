@@ -12,12 +12,11 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
 use crate::engine::{Engine, Reference};
-use crate::report::{not_done, Spread};
+use crate::report::latency_rounds_table;
 use crate::scenarios::{self, Latency, Measured, OPEN_LOOP_RATE, OPEN_LOOP_SECONDS};
 use crate::variants::{self, Comparison, Plan, Run, ROUNDS};
 use crate::Bench;
@@ -43,10 +42,6 @@ impl SpinReport {
     pub fn has_failures(&self) -> bool {
         self.comparisons.iter().any(Comparison::has_failures)
             || self.open_loops.iter().flatten().any(Measured::is_failed)
-    }
-
-    fn latency(&self, variant: usize, figure: impl Fn(&Latency) -> Duration) -> Option<Spread> {
-        Spread::over(&self.open_loops[variant], |l| Some(figure(l).as_secs_f64() * 1e3))
     }
 }
 
@@ -129,34 +124,10 @@ impl SpinReport {
         let _ = write!(
             out,
             "\nOpen loop: single-row jobs at {OPEN_LOOP_RATE:.0} jobs/s for {OPEN_LOOP_SECONDS:.0} s (scaled), a \
-             fresh worker per loop, {ROUNDS} rounds with the policies alternating; publish to receipt, in ms, the \
-             median over the rounds with min–max.\n\n| Policy | p50 | p95 | p99 | p99 inside the worker |\n\
-             |---|---:|---:|---:|---:|\n",
+             fresh worker per loop, {ROUNDS} rounds with the policies alternating; publish to receipt, the \
+             median over the rounds with min–max; max, publisher lag and peak RSS are the highest.\n\n",
         );
-        let cell =
-            |s: Option<Spread>| s.map_or("—".into(), |s| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max));
-        let mut notes = Vec::new();
-        for (v, variant) in VARIANTS.iter().enumerate() {
-            let worker = Spread::over(&self.open_loops[v], |l| l.worker_p99.map(|d| d.as_secs_f64() * 1e3));
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} |",
-                variant.key,
-                cell(self.latency(v, |l| l.p50)),
-                cell(self.latency(v, |l| l.p95)),
-                cell(self.latency(v, |l| l.p99)),
-                cell(worker),
-            );
-            for (round, measured) in self.open_loops[v].iter().enumerate() {
-                let what = format!("open loop, {}, round {}", variant.key, round + 1);
-                match measured {
-                    Measured::Done(l) => notes.extend(l.notes.iter().map(|n| format!("{what}: {n}"))),
-                    other => notes.push(format!("{what}: {}", not_done(other))),
-                }
-            }
-        }
-        if !notes.is_empty() {
-            let _ = writeln!(out, "\nNotes: {}", notes.join("; "));
-        }
+        let rows = VARIANTS.iter().zip(&self.open_loops).map(|(variant, loops)| (variant.key, loops.as_slice()));
+        latency_rounds_table(out, "Policy", rows);
     }
 }
